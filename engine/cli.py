@@ -1,0 +1,79 @@
+"""`avatar`: the command line. Thin: parse arguments, call the library, report errors plainly."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.errors import AvatarInputError
+
+
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from engine.data.prepare import PrepareConfig, prepare
+
+    cfg = PrepareConfig(
+        crop_size_px=a.crop_size,
+        on_multiple="refuse" if a.refuse_multiple_faces else "largest",
+        require_audio=not a.allow_no_audio,
+        min_face_px=a.min_face_px,
+    )
+    card = prepare([Path(s) for s in a.src], Path(a.out), cfg, jobs=a.jobs, force=a.force, progress=not a.quiet)
+    run = card["run"]
+    print(
+        f"{card['clips_kept']}/{card['clips_total']} clips kept, {card['identities_kept']} identities, "
+        f"{card['minutes_kept']:.2f} of {card['minutes_source']:.2f} min, {card['frames_kept']}/{card['frames_total']} frames, "
+        f"{card['segments']} segments, {card['camera_cuts']} camera cuts"
+    )
+    if run.get("frames_per_s"):
+        print(f"this run: {run['frames_processed']} frames in {run['wall_s']:.1f} s ({run['frames_per_s']:.1f} frames/s, {run['jobs']} jobs)")
+    for d in card["clips_dropped"]:
+        print(f"dropped {d['clip']}: {d['reason']}")
+    print(f"data card: {Path(a.out) / 'data_card.md'}")
+    return 0 if card["clips_kept"] else 1
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from engine.data.inspect import inspect
+
+    written = inspect(Path(a.dir), out=Path(a.out) if a.out else None, clips=a.clip or None)
+    for p in written:
+        print(p)
+    return 0 if written else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="avatar", description="Real-time talking-head avatar engine.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="turn talking-head videos into aligned training shards")
+    p.add_argument("src", nargs="+", help="video files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder (resumable: finished clips are skipped)")
+    p.add_argument("--crop-size", type=int, default=256, choices=(128, 256, 512), help="aligned crop side in pixels")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2: this machine's cores)")
+    p.add_argument("--min-face-px", type=int, default=48, help="drop frames whose face is shorter than this")
+    p.add_argument("--refuse-multiple-faces", action="store_true", help="drop clips that show several faces instead of picking the largest")
+    p.add_argument("--allow-no-audio", action="store_true", help="keep clips without audio (for motion-only data)")
+    p.add_argument("--force", action="store_true", help="redo clips that are already done")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("inspect", help="write a contact-sheet PNG per prepared clip")
+    p.add_argument("dir", help="a folder written by `avatar prepare`")
+    p.add_argument("--out", help="where to write the PNGs (default DIR/inspect)")
+    p.add_argument("--clip", action="append", help="only this clip (repeatable)")
+    p.set_defaults(func=_cmd_inspect)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.func(a)
+    except (AvatarInputError, FileNotFoundError, ValueError) as e:
+        print(f"avatar {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Which person each clip shows: clips of one person share an identity (for splits and cards).
+
+The groups of the shared clips are listed by hand in ``identities.json`` (checked on their
+contact sheets); any other clip is its own identity, named after the clip.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+IDENTITIES_PATH = Path(__file__).resolve().parent / "identities.json"
+
+
+@lru_cache(maxsize=1)
+def _groups() -> dict[str, str]:
+    groups = json.loads(IDENTITIES_PATH.read_text())
+    return {clip: ident for ident, clips in groups.items() if not ident.startswith("_") for clip in clips}
+
+
+def identity_of(clip: str) -> str:
+    """The identity label of a clip (its file stem)."""
+    return _groups().get(clip, clip)
