@@ -179,14 +179,17 @@ def count_cuts(cut_before: list[bool]) -> int:
     return sum(1 for i, c in enumerate(cut_before) if c and (i == 0 or not cut_before[i - 1]))
 
 
-def split_segments(tr: _Track, min_frames: int, n_audio_frames_s: float) -> tuple[list[tuple[int, int]], Counter]:
-    """Runs [start, end) of usable frames, split at cuts; and the drop counts by reason."""
+def split_segments(tr: _Track, min_frames: int, audio_end_s: float) -> tuple[list[tuple[int, int]], Counter]:
+    """Runs [start, end) of usable frames, split at cuts; and the drop counts by reason.
+
+    A frame is usable when it has a reason-free face and the audio reaches its time.
+    """
     dropped: Counter = Counter()
     segments: list[tuple[int, int]] = []
     start = None
     n = len(tr.times)
     for i in range(n + 1):
-        usable = i < n and tr.reasons[i] is None and tr.times[i] < n_audio_frames_s
+        usable = i < n and tr.reasons[i] is None and tr.times[i] < audio_end_s
         if i < n and tr.reasons[i] is None and not usable:
             dropped[DROP_NO_AUDIO] += 1
         elif i < n and tr.reasons[i] is not None:
@@ -232,7 +235,7 @@ def prepare_clip(path: Path, out: Path, cfg: PrepareConfig) -> dict:
     mean_fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 1.0 / frame_s
     min_frames = max(int(round(cfg.min_segment_s / frame_s)), 2)
     audio_end_s = len(audio) / sr if cfg.require_audio else float("inf")
-    segments, dropped = split_segments(tr, min_frames, audio_end_s - frame_s / 2)
+    segments, dropped = split_segments(tr, min_frames, audio_end_s)
 
     # Pass 2: crops of the kept frames, with per-segment stabilised transforms.
     acfg = AlignConfig(crop_size_px=cfg.crop_size_px, stabilise_sigma_frames=cfg.stabilise_sigma_frames)
@@ -372,9 +375,32 @@ def is_done(path: Path, out: Path, cfg: PrepareConfig) -> bool:
         return False
 
 
+_LOG_REDIRECTED = False
+
+
+def _redirect_native_logs(out: Path) -> None:
+    """Send this worker's native stderr (MediaPipe/TFLite chatter) to DIR/logs/, once."""
+    global _LOG_REDIRECTED
+    if _LOG_REDIRECTED:
+        return
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / "logs" / f"worker-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _LOG_REDIRECTED = True
+
+
 def _worker(args: tuple[Path, Path, PrepareConfig]) -> dict:
+    """One clip in a worker process: native logs to a file, one thread (the pool is the parallelism)."""
     path, out, cfg = args
+    _redirect_native_logs(out)
     cv2.setNumThreads(1)
+    return _worker_inline(args)
+
+
+def _worker_inline(args: tuple[Path, Path, PrepareConfig]) -> dict:
+    """One clip in this process (``jobs=1``): the caller's stderr is left alone."""
+    path, out, cfg = args
     try:
         return prepare_clip(path, out, cfg)
     except AvatarInputError as e:
@@ -412,7 +438,7 @@ def prepare(sources: list[Path], out: Path, cfg: PrepareConfig = PrepareConfig()
                     bar.update()
         else:
             for a in args:
-                rec = _worker(a)
+                rec = _worker_inline(a)
                 frames += rec["frames_total"]
                 bar.set_postfix(clip=rec["clip"][:24], fps=f"{frames / (time.perf_counter() - t0):.1f}")
                 bar.update()

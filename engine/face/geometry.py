@@ -114,15 +114,16 @@ def normalise_template(mean3d: np.ndarray) -> np.ndarray:
 def head_pose_deg(lm: np.ndarray) -> np.ndarray:
     """(yaw, pitch, roll) in degrees of 3-D landmarks (478, 3) relative to the template.
 
-    The rotation is the Umeyama fit of the template's rigid points onto the frame's (the
-    mesh's coordinates are weak-perspective, so no camera model is needed). Positive yaw
-    turns the face towards the image right, positive pitch looks down, positive roll tilts
-    clockwise in the image.
+    The rotation R is the Umeyama fit of the template's rigid points onto the frame's (the
+    mesh's coordinates are weak-perspective, so no camera model is needed), decomposed as
+    R = Rz(roll) @ Rx(pitch) @ Ry(yaw) in image axes (x right, y down, z away from the
+    camera). Seen on the shared clips: positive yaw is a face turned towards the image left,
+    positive roll tilts the face clockwise on screen.
     """
     idx = index_sets()["rigid"]
     _, rot, _ = umeyama(template()[idx], lm[idx].astype(np.float64))
-    # R = Rz(roll) @ Rx(pitch) @ Ry(yaw) decomposition (y: yaw, x: pitch, z: roll)
-    yaw = np.degrees(np.arcsin(np.clip(rot[0, 2], -1.0, 1.0)))
-    pitch = np.degrees(np.arctan2(-rot[1, 2], rot[2, 2]))
-    roll = np.degrees(np.arctan2(-rot[0, 1], rot[0, 0]))
+    # third row of Rz Rx Ry is (-cos p sin y, sin p, cos p cos y); R[0,1] = -sin r cos p, R[1,1] = cos r cos p
+    yaw = np.degrees(np.arctan2(-rot[2, 0], rot[2, 2]))
+    pitch = np.degrees(np.arcsin(np.clip(rot[2, 1], -1.0, 1.0)))
+    roll = np.degrees(np.arctan2(-rot[0, 1], rot[1, 1]))
     return np.array([yaw, pitch, roll], dtype=np.float32)

@@ -186,6 +186,7 @@ class FaceTracker:
         self._detector = FaceDetector(opts)
         self._mesh = self._new_mesh()
         self._roi: tuple[int, int, int] | None = None  # (x0, y0, side) in image pixels
+        self._box_px = 0.0  # height of the last detected face box
         self.notes: list[str] = []  # user-facing notes (several faces, ...), most recent last
 
     def _new_mesh(self):
@@ -207,6 +208,7 @@ class FaceTracker:
         box, note = select_face(self._detector.detect(rgb), self.opts, what=what)
         if note:
             self.notes.append(note)
+        self._box_px = box.height
         side = self.opts.roi_scale * max(box.width, box.height)
         self._roi = _square_roi((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2, side)
 
@@ -214,6 +216,8 @@ class FaceTracker:
         """Landmarks of the chosen face, or None when it is lost (then re-detected next call).
 
         For a still image (``static=True``) a missing face raises instead of returning None.
+        A face shorter than ``min_face_px`` (by its landmarks, forehead to chin) raises
+        FaceTooSmallError in both modes.
         """
         check_image_size(rgb, self.opts, what=what)
         if self._roi is None:
@@ -227,12 +231,23 @@ class FaceTracker:
         res = self._mesh.process(_extract_square(rgb, self._roi))
         if not res.multi_face_landmarks:
             self.reset()
+            if self._static and self._box_px < 2 * self.opts.min_face_px:
+                raise FaceTooSmallError(
+                    f"the face in {what} is about {self._box_px:.0f} px tall, too small to fit landmarks; "
+                    f"faces of at least {2 * self.opts.min_face_px} px work reliably"
+                )
             if self._static:
                 raise NoFaceError(f"a face was detected in {what} but its landmarks could not be fitted")
             return None
         lm = res.multi_face_landmarks[0].landmark
         pts = np.array([(p.x * side + x0, p.y * side + y0, p.z * side) for p in lm], dtype=np.float32)  # (478, 3)
         self._maybe_move_roi(pts)
+        face_px = float(np.ptp(pts[:, 1]))  # forehead to chin, in image pixels
+        if face_px < self.opts.min_face_px:
+            raise FaceTooSmallError(
+                f"the face in {what} is {face_px:.0f} px tall, under the minimum of "
+                f"{self.opts.min_face_px} px; use a larger or closer image"
+            )
         return pts
 
     def _maybe_move_roi(self, pts: np.ndarray) -> None:
