@@ -76,6 +76,7 @@ class PrepareConfig:
     cut_shift_frac: float = 0.08  # face centre jump (fraction of crop side) that suggests a cut
     cut_log_scale: float = 0.05  # |log| face-scale change in one frame that suggests a cut
     cut_image_diff_ratio: float = 3.0  # ...confirmed when the frame differs this many times the median
+    cut_image_diff_levels: float = 20.0  # a mean grey change this large is a cut whatever the face does
     require_audio: bool = True  # refuse clips without audio (lip-sync data needs it)
     mel: MelConfig = field(default_factory=MelConfig)
 
@@ -121,6 +122,14 @@ def _face_geometry(lm: np.ndarray) -> tuple[float, float, float]:
     return float(np.log(side)), float(cx / side), float(cy / side)
 
 
+def _track(tracker: FaceTracker, rgb: np.ndarray, what: str) -> tuple[np.ndarray | None, str | None]:
+    """Landmarks or None, with the drop reason for a face that is there but too small."""
+    try:
+        return tracker.track(rgb, what=what), None
+    except FaceTooSmallError:
+        return None, DROP_FACE_TOO_SMALL
+
+
 def track_clip(path: Path, cfg: PrepareConfig) -> _Track:
     """Pass 1: landmarks per frame, cut detection, drop reasons."""
     opts = FaceOptions(min_face_px=cfg.min_face_px, max_image_pixels=cfg.max_image_pixels, on_multiple=cfg.on_multiple)
@@ -135,22 +144,24 @@ def track_clip(path: Path, cfg: PrepareConfig) -> _Track:
             thumb = _thumb(rgb)
             diff = float(np.abs(thumb - prev_thumb).mean()) if prev_thumb is not None else 0.0
             prev_thumb = thumb
-            reason = None
-            try:
-                lm = tracker.track(rgb, what=f"{path.name} frame {i}")
-            except FaceTooSmallError:
-                lm, reason = None, DROP_FACE_TOO_SMALL
-            cut = False
+            # A different shot altogether: reset before tracking, so the new face is detected.
+            cut = i > 0 and diff > cfg.cut_image_diff_levels
+            if cut:
+                tracker.reset()
+            lm, reason = _track(tracker, rgb, f"{path.name} frame {i}")
             if lm is not None:
                 geom = _face_geometry(lm)
-                if prev_geom is not None:
+                if prev_geom is not None and not cut:
+                    # A face that jumps while the image changes much more than usual: a cut
+                    # between two shots of the same scene (a zoom, another camera).
                     jump = np.hypot(geom[1] - prev_geom[1], geom[2] - prev_geom[2])
                     scale_jump = abs(geom[0] - prev_geom[0])
                     median = float(np.median(diffs[-50:])) if diffs else diff
-                    if (jump > cfg.cut_shift_frac or scale_jump > cfg.cut_log_scale) and diff > cfg.cut_image_diff_ratio * max(median, 0.5):
+                    moved = jump > cfg.cut_shift_frac or scale_jump > cfg.cut_log_scale
+                    if moved and diff > cfg.cut_image_diff_ratio * max(median, 0.5):
                         cut = True
                         tracker.reset()  # the face after a cut is found afresh
-                        lm = tracker.track(rgb, what=f"{path.name} frame {i}")
+                        lm, reason = _track(tracker, rgb, f"{path.name} frame {i}")
                         geom = _face_geometry(lm) if lm is not None else None
                 prev_geom = geom
             else:
