@@ -61,8 +61,13 @@ def test_prepare_end_to_end(clips: Path, tmp_path: Path) -> None:
     # the camera cut is found and splits the clip; the two halves are different people
     assert recs["cut"]["camera_cuts"] == 1 and len(recs["cut"]["segments"]) == 2
     s0 = np.load(out / "shards" / "cut__s00" / "data.npz")["time_s"]
-    s1 = np.load(out / "shards" / "cut__s01" / "data.npz")["time_s"]
-    assert s0[-1] < 1.6 <= s1[0]
+    d1 = np.load(out / "shards" / "cut__s01" / "data.npz")
+    m1 = json.loads((out / "shards" / "cut__s01" / "meta.json").read_text())
+    assert s0[-1] < 1.6 <= d1["time_s"][0]
+    # a segment that starts mid-clip: its mel rows and audio are offset consistently
+    np.testing.assert_array_equal(m1["mel_start_index"] + d1["mel_index"], mel_index_for_time(d1["time_s"]))
+    assert m1["audio_start_s"] == pytest.approx(d1["time_s"][0], abs=1 / 16000)
+    assert len(d1["audio"]) == pytest.approx(len(d1["time_s"]) * 0.04 * 16000, abs=2)
 
     # the lost face splits the clip, and the dropped frames are counted with their reason
     assert recs["lost"]["frames_dropped"].get("no_face") == 10 and len(recs["lost"]["segments"]) == 2
@@ -80,6 +85,14 @@ def test_prepare_end_to_end(clips: Path, tmp_path: Path) -> None:
     again = prepare([clips], out, CFG, jobs=1, progress=False)
     assert again["run"]["clips_processed"] == 0 and again["clips_kept"] == 3
     mtime = (shard / "crops.npy").stat().st_mtime
+    # a lost shard or a deleted record redoes just that clip
+    import shutil
+
+    shutil.rmtree(out / "shards" / "lost__s01")
+    (out / "clips" / "mute.json").unlink()
+    again = prepare([clips], out, CFG, jobs=1, progress=False)
+    assert again["run"]["clips_processed"] == 2 and again["clips_kept"] == 3
+    assert (out / "shards" / "lost__s01" / "crops.npy").is_file()
 
     # inspect draws one sheet per kept clip
     assert main(["inspect", str(out)]) == 0
@@ -94,7 +107,8 @@ def test_prepare_parallel_and_refuse_multiple(shared_data: Path, tmp_path: Path)
     d = tmp_path / "src"
     d.mkdir()
     write_clip(d / "one.mp4", portrait_video(a, 30), 25, speech_like(1.2))
-    pair = [np.concatenate([x, np.pad(y[:, :, :], ((0, 0), (0, 0), (0, 0)))], 1) for x, y in zip(portrait_video(a, 30, size=320), portrait_video(b, 30, size=320))]
+    # the larger face (A, 320 px) on the left, a smaller one (B, 200 px) on the right
+    pair = [np.concatenate([x, np.pad(y, ((0, 120), (0, 0), (0, 0)))], 1) for x, y in zip(portrait_video(a, 30, size=320), portrait_video(b, 30, size=200))]
     write_clip(d / "two.mp4", pair, 25, speech_like(1.2))
     out = tmp_path / "p"
     card = prepare([d], out, PrepareConfig(crop_size_px=128, on_multiple="refuse"), jobs=2, progress=False)
@@ -103,6 +117,8 @@ def test_prepare_parallel_and_refuse_multiple(shared_data: Path, tmp_path: Path)
     assert recs["two"]["status"] == "dropped" and "MultipleFacesError" in recs["two"]["reason"]
     card = prepare([d / "two.mp4"], tmp_path / "q", PrepareConfig(crop_size_px=128), jobs=1, progress=False)
     assert card["clips_kept"] == 1 and "picked the largest" in json.dumps(card["notes"])
+    lm = np.load(tmp_path / "q" / "shards" / "two__s00" / "data.npz")["landmarks_image"]
+    assert lm[:, :, 0].max() < 320  # the larger face, on the left
 
 
 def test_cli_errors_are_plain(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -139,8 +140,6 @@ def track_clip(path: Path, cfg: PrepareConfig) -> _Track:
     diffs: list[float] = []
     with FaceTracker(opts) as tracker:
         for i, (t, rgb) in enumerate(iter_frames(path)):
-            if i == 0 and rgb.shape[0] * rgb.shape[1] > cfg.max_image_pixels:
-                raise ImageTooLargeError(f"{path}: frames are {rgb.shape[1]}x{rgb.shape[0]}, over {cfg.max_image_pixels / 1e6:.0f} MP")
             thumb = _thumb(rgb)
             diff = float(np.abs(thumb - prev_thumb).mean()) if prev_thumb is not None else 0.0
             prev_thumb = thumb
@@ -164,7 +163,7 @@ def track_clip(path: Path, cfg: PrepareConfig) -> _Track:
                         lm, reason = _track(tracker, rgb, f"{path.name} frame {i}")
                         geom = _face_geometry(lm) if lm is not None else None
                 prev_geom = geom
-            else:
+            if lm is None:
                 prev_geom = None
                 reason = reason or DROP_NO_FACE
             if lm is not None:
@@ -219,6 +218,22 @@ def split_segments(tr: _Track, min_frames: int, audio_end_s: float) -> tuple[lis
     return kept, dropped
 
 
+def _clip_shards(out: Path, clip: str) -> list[Path]:
+    """This clip's shard folders (exact names: clip names may hold glob characters)."""
+    shards = out / "shards"
+    if not shards.is_dir():
+        return []
+    pat = re.compile(re.escape(clip) + r"__s\d+")
+    return [d for d in shards.iterdir() if pat.fullmatch(d.name)]
+
+
+def _forget(out: Path, clip: str) -> None:
+    """Remove a clip's record first, then its shards: a crash in between leaves it not done."""
+    (out / "clips" / f"{clip}.json").unlink(missing_ok=True)
+    for old in _clip_shards(out, clip):
+        shutil.rmtree(old)
+
+
 def _write_shard(out_dir: Path, crops: np.ndarray, arrays: dict[str, np.ndarray], meta: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "crops.npy", crops)
@@ -245,7 +260,9 @@ def prepare_clip(path: Path, out: Path, cfg: PrepareConfig) -> dict:
     frame_s = float(np.median(np.diff(times))) if len(times) > 1 else 1.0 / (info.nominal_fps or 25)
     mean_fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 1.0 / frame_s
     min_frames = max(int(round(cfg.min_segment_s / frame_s)), 2)
-    audio_end_s = len(audio) / sr if cfg.require_audio else float("inf")
+    # A frame is usable when its centre mel row exists (clips without audio: --allow-no-audio).
+    n_mel = len(mel)
+    audio_end_s = (n_mel - 0.5) * cfg.mel.hop_ms / 1000 if n_mel else (float("inf") if not cfg.require_audio else 0.0)
     segments, dropped = split_segments(tr, min_frames, audio_end_s)
 
     # Pass 2: crops of the kept frames, with per-segment stabilised transforms.
@@ -279,8 +296,10 @@ def prepare_clip(path: Path, out: Path, cfg: PrepareConfig) -> dict:
         a0 = int(round(t_seg[0] * sr))
         a1 = min(int(round((t_seg[-1] + frame_s) * sr)), len(audio))
         centre = mel_index_for_time(t_seg, hop_ms=cfg.mel.hop_ms)
-        m0 = max(int(centre[0]) - 20, 0)  # 200 ms of context either side where the clip has it
-        m1 = min(int(centre[-1]) + 21, len(mel))
+        m0 = max(int(centre[0]) - 20, 0) if n_mel else 0  # 200 ms of context either side where the clip has it
+        m1 = min(int(centre[-1]) + 21, n_mel)
+        if n_mel:
+            assert 0 <= centre[0] and centre[-1] < n_mel, "a kept frame has no mel row"
         arrays = {
             "time_s": t_seg,
             "frame_index": idx.astype(np.int64),
@@ -290,7 +309,7 @@ def prepare_clip(path: Path, out: Path, cfg: PrepareConfig) -> dict:
             "pose_deg": pose.astype(np.float32),
             "audio": audio[a0:a1],
             "mel": mel[m0:m1],
-            "mel_index": (centre - m0).astype(np.int64),
+            "mel_index": (centre - m0).astype(np.int64) if n_mel else np.full(len(centre), -1, np.int64),
         }
         meta = {
             "segment": name,
@@ -304,6 +323,7 @@ def prepare_clip(path: Path, out: Path, cfg: PrepareConfig) -> dict:
             "audio_start_s": a0 / sr,
             "mel_start_index": m0,
             "sample_rate_hz": sr,
+            "has_audio": bool(n_mel),
             "crop_size_px": cfg.crop_size_px,
             "source_size": [info.width, info.height],
             "face_px_median": float(np.median(cfg.crop_size_px / scale * 0.45)),
@@ -316,8 +336,7 @@ def prepare_clip(path: Path, out: Path, cfg: PrepareConfig) -> dict:
     # Commit: replace this clip's old shards, then write the record last.
     shards = out / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    for old in shards.glob(f"{clip}__s*"):
-        shutil.rmtree(old)
+    _forget(out, clip)
     for d in sorted(tmp.glob("*")) if tmp.exists() else []:
         os.replace(d, shards / d.name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -340,6 +359,7 @@ def prepare_clip(path: Path, out: Path, cfg: PrepareConfig) -> dict:
         "notes": tr.notes,
         "seconds": time.perf_counter() - t_start,
         "config_fingerprint": cfg.fingerprint(),
+        "source_stat": _source_stat(path),
     }
     _write_record(out, clip, record)
     return record
@@ -352,15 +372,18 @@ def _write_record(out: Path, clip: str, record: dict) -> None:
     os.replace(tmp, out / "clips" / f"{clip}.json")
 
 
-def failed_record(path: Path, out: Path, cfg: PrepareConfig, err: Exception) -> dict:
-    """The record of a clip that could not be prepared at all (bad input)."""
-    for old in (out / "shards").glob(f"{path.stem}__s*") if (out / "shards").exists() else []:
-        shutil.rmtree(old)
+def failed_record(path: Path, out: Path, cfg: PrepareConfig, err: Exception, *, retry: bool = False) -> dict:
+    """The record of a clip that could not be prepared at all.
+
+    Bad input is final for this configuration ("dropped"); an internal error ("error",
+    ``retry=True``) is tried again by the next run.
+    """
+    _forget(out, path.stem)
     record = {
         "clip": path.stem,
         "identity": identity_of(path.stem),
         "source": str(path),
-        "status": "dropped",
+        "status": "error" if retry else "dropped",
         "reason": f"{type(err).__name__}: {err}",
         "frames_total": 0,
         "frames_kept": 0,
@@ -370,9 +393,16 @@ def failed_record(path: Path, out: Path, cfg: PrepareConfig, err: Exception) -> 
         "segments": [],
         "notes": [],
         "config_fingerprint": cfg.fingerprint(),
+        "source_stat": _source_stat(path) if path.exists() else None,
     }
     _write_record(out, path.stem, record)
     return record
+
+
+def _source_stat(path: Path) -> list:
+    """Size and modification time: a replaced source file is prepared again."""
+    st = path.stat()
+    return [st.st_size, int(st.st_mtime)]
 
 
 def is_done(path: Path, out: Path, cfg: PrepareConfig) -> bool:
@@ -381,9 +411,16 @@ def is_done(path: Path, out: Path, cfg: PrepareConfig) -> bool:
     if not rec.is_file():
         return False
     try:
-        return json.loads(rec.read_text()).get("config_fingerprint") == cfg.fingerprint()
+        r = json.loads(rec.read_text())
     except json.JSONDecodeError:
         return False
+    shards_there = all((out / "shards" / seg["segment"] / "meta.json").is_file() for seg in r.get("segments", []))
+    return (
+        r.get("status") != "error"
+        and r.get("config_fingerprint") == cfg.fingerprint()
+        and r.get("source_stat") == _source_stat(path)
+        and shards_there
+    )
 
 
 _LOG_REDIRECTED = False
@@ -416,6 +453,11 @@ def _worker_inline(args: tuple[Path, Path, PrepareConfig]) -> dict:
         return prepare_clip(path, out, cfg)
     except AvatarInputError as e:
         return failed_record(path, out, cfg, e)
+    except Exception as e:  # noqa: BLE001 - one clip's bug must not lose the other clips' work
+        import traceback
+
+        tb = traceback.format_exc(limit=-3).strip().replace("\n", " | ")
+        return failed_record(path, out, cfg, RuntimeError(f"internal error (please report): {e!r}; {tb}"), retry=True)
 
 
 def prepare(sources: list[Path], out: Path, cfg: PrepareConfig = PrepareConfig(), *, jobs: int = 2, force: bool = False, progress: bool = True) -> dict:
