@@ -91,6 +91,7 @@ class _Track:
 
     times: list[float] = field(default_factory=list)
     landmarks: list[np.ndarray | None] = field(default_factory=list)
+    poses: list[np.ndarray | None] = field(default_factory=list)  # (yaw, pitch, roll) degrees
     reasons: list[str | None] = field(default_factory=list)  # None: usable
     cut_before: list[bool] = field(default_factory=list)  # a camera cut precedes this frame
     notes: list[str] = field(default_factory=list)
@@ -166,13 +167,13 @@ def track_clip(path: Path, cfg: PrepareConfig) -> _Track:
             if lm is None:
                 prev_geom = None
                 reason = reason or DROP_NO_FACE
-            if lm is not None:
-                yaw, pitch, _ = head_pose_deg(lm)
-                if abs(yaw) > cfg.max_abs_yaw_deg or abs(pitch) > cfg.max_abs_pitch_deg:
-                    reason = DROP_PROFILE
+            pose = head_pose_deg(lm) if lm is not None else None
+            if pose is not None and (abs(pose[0]) > cfg.max_abs_yaw_deg or abs(pose[1]) > cfg.max_abs_pitch_deg):
+                reason = DROP_PROFILE
             diffs.append(diff)
             tr.times.append(t)
             tr.landmarks.append(lm)
+            tr.poses.append(pose)
             tr.reasons.append(reason)
             tr.cut_before.append(cut)
         tr.notes = sorted(set(tracker.notes))
@@ -291,7 +292,7 @@ def prepare_clip(path: Path, out: Path, cfg: PrepareConfig) -> dict:
         lm_crop = np.concatenate(
             [np.stack([apply_transform(aff[j], lm_img[j]) for j in range(e - s)]), lm_img[:, :, 2:] * scale[:, None, None]], axis=-1
         ).astype(np.float32)
-        pose = np.stack([head_pose_deg(lm_img[j]) for j in range(e - s)])
+        pose = np.stack([tr.poses[i] for i in idx])  # (F, 3), from pass 1
         t_seg = times[s:e]
         a0 = int(round(t_seg[0] * sr))
         a1 = min(int(round((t_seg[-1] + frame_s) * sr)), len(audio))
