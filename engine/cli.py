@@ -42,6 +42,24 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+def _cmd_train(a: argparse.Namespace) -> int:
+    from engine.training.run import run_training
+
+    run_training(a.model, data=a.data, config=Path(a.config), out=Path(a.out))
+    return 0
+
+
+def _cmd_render(a: argparse.Namespace) -> int:
+    from engine.render import render
+
+    info = render(a.portrait, a.audio, a.out, bundle=a.bundle, steps=a.steps, seed=a.seed, threads=a.threads, progress=not a.quiet)
+    for n in info["notes"]:
+        print(f"note: {n}")
+    print(f"wrote {info['out']}: {info['frames']} frames at {info['fps']} fps ({info['audio_s']} s of audio), "
+          f"{info['steps']} denoising steps, {info['frames_per_s']} frames/s, {info['seconds']['total']} s in all")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="avatar", description="Real-time talking-head avatar engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -63,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write the PNGs (default DIR/inspect)")
     p.add_argument("--clip", action="append", help="only this clip (repeatable)")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("render", help="portrait + speech file -> mp4 (the default bundle unless --bundle)")
+    p.add_argument("--portrait", required=True, help="an image with one face (PNG, JPEG, ...)")
+    p.add_argument("--audio", required=True, help="speech: any audio or video file with an audio stream")
+    p.add_argument("-o", "--out", required=True, help="output mp4")
+    p.add_argument("--bundle", help="model bundle folder (default: the bundle shipped with the engine)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (renders are deterministic given it)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("train", help="train one model from prepared shards (resumes from OUT/checkpoint.pt)")
+    p.add_argument("model", choices=("autoencoder", "a2l", "denoiser", "sync"), help="which model")
+    p.add_argument("--data", nargs="+", required=True, help="folders written by `avatar prepare`")
+    p.add_argument("--config", required=True, help='JSON: {"model": {...}, "train": {...}, "options": {...}} (configs/ has examples)')
+    p.add_argument("--out", required=True, help="run folder: checkpoint, log.jsonl, loss.png, the trained model files")
+    p.set_defaults(func=_cmd_train)
     return ap
 
 

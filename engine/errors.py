@@ -40,3 +40,7 @@ class FaceTooSmallError(AvatarInputError):
 
 class ImageTooLargeError(AvatarInputError):
     """The image exceeds the configured maximum number of pixels."""
+
+
+class BundleError(AvatarInputError):
+    """A model bundle is missing a file, has a file whose sha256 does not match, or is malformed."""

@@ -1,0 +1,67 @@
+"""An avatar: a portrait prepared once (face found, aligned, its mouth-region latent encoded)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from engine.errors import UnreadableMediaError
+from engine.face.align import AlignConfig, fit_transform, warp_to_crop
+from engine.face.landmarks import FaceOptions, landmarks_for_image
+from engine.face.region import extract_patch, patch_mask, to_patch_units
+
+MAX_SIDE_PX = 1280  # portraits are scaled down to this longest side (the output video's size)
+
+
+def load_portrait(path: str | Path, *, max_side_px: int = MAX_SIDE_PX) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3) with even sides, scaled down to ``max_side_px``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableMediaError(f"{path}: no such portrait file")
+    data = np.fromfile(path, dtype=np.uint8)
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if bgr is None:
+        raise UnreadableMediaError(f"{path}: not a readable image (PNG, JPEG, WebP, BMP, ...)")
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    s = min(1.0, max_side_px / max(h, w))
+    if s < 1.0:
+        rgb = cv2.resize(rgb, (int(w * s), int(h * s)), interpolation=cv2.INTER_AREA)
+    h, w = rgb.shape[:2]
+    return np.ascontiguousarray(rgb[: h - h % 2, : w - w % 2])
+
+
+@dataclass
+class Avatar:
+    image: np.ndarray  # (H, W, 3) uint8 RGB, the full portrait (every output frame starts from it)
+    affine: np.ndarray  # (2, 3) image -> crop similarity
+    crop: np.ndarray  # (S, S, 3) uint8 aligned crop
+    landmarks: np.ndarray  # (478, 2) landmarks in crop units
+    latent: torch.Tensor  # (1, C, s, s) the patch's latent
+    notes: list[str]
+
+    @property
+    def crop_size_px(self) -> int:
+        return self.crop.shape[0]
+
+    def landmarks_patch_units(self) -> np.ndarray:
+        return to_patch_units(self.landmarks)
+
+    def mask(self) -> np.ndarray:
+        return patch_mask(self.landmarks * self.crop_size_px, self.crop_size_px)
+
+
+@torch.no_grad()
+def prepare_avatar(image: np.ndarray, autoencoder, *, crop_size_px: int = 256, opts: FaceOptions = FaceOptions(), what: str = "portrait") -> Avatar:
+    """Find the face (raises NoFaceError, MultipleFacesError, FaceTooSmallError...), align, encode."""
+    lm, notes = landmarks_for_image(image, opts, what=what)
+    cfg = AlignConfig(crop_size_px=crop_size_px, stabilise_sigma_frames=0.0)
+    m = fit_transform(lm, cfg)
+    crop = warp_to_crop(image, m, cfg)
+    lm_crop = (lm[:, :2] @ m[:, :2].T + m[:, 2]) / crop_size_px
+    patch = extract_patch(crop)
+    x = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+    return Avatar(image, m, crop, lm_crop.astype(np.float32), autoencoder.encode(x), notes)

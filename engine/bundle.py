@@ -1,0 +1,119 @@
+"""Model bundles: a folder of models with a manifest that says what they are and pins their bytes.
+
+``manifest.json``: format version, fps, sample rate, crop size, default denoising steps, the
+role -> file stem of each model, and the sha256 of every file. Loading checks every hash and
+refuses a bundle whose bytes differ from its manifest, naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from engine.errors import BundleError
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "default"
+FORMAT = "avatar-bundle/1"
+ROLES = ("autoencoder", "audio_encoder", "a2l", "denoiser", "sync")
+REQUIRED = ("autoencoder", "audio_encoder", "a2l", "denoiser")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(bundle_dir: str | Path, *, fps: int, sample_rate_hz: int, crop_size_px: int, steps: int, extra: dict | None = None) -> dict:
+    """(Re)write ``manifest.json`` over the model files present in ``bundle_dir``."""
+    import torch
+
+    d = Path(bundle_dir)
+    models = {r: r for r in ROLES if (d / f"{r}.json").is_file() and (d / f"{r}.pt").is_file()}
+    missing = [r for r in REQUIRED if r not in models]
+    if missing:
+        raise BundleError(f"{d}: missing model files for {missing} (need <role>.json and <role>.pt)")
+    files = sorted(p.name for p in d.iterdir() if p.is_file() and p.name != "manifest.json")
+    manifest = {"format": FORMAT, "fps": fps, "sample_rate_hz": sample_rate_hz, "crop_size_px": crop_size_px, "steps": steps,
+                "models": models, "torch_version": torch.__version__, **(extra or {}),
+                "files": {name: sha256_file(d / name) for name in files}}
+    (d / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    models: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> int:
+        return int(self.manifest["fps"])
+
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["steps"])
+
+    @property
+    def crop_size_px(self) -> int:
+        return int(self.manifest["crop_size_px"])
+
+    def __getattr__(self, name: str):
+        models = self.__dict__.get("models", {})
+        if name in models:
+            return models[name]
+        raise AttributeError(name)
+
+
+def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundle:
+    """Load the bundle at ``path`` (default: the one shipped in the package), checking hashes."""
+    from engine.models.a2l import A2LConfig, AudioToLandmarks
+    from engine.models.audio_encoder import AudioEncoder, AudioEncoderConfig
+    from engine.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from engine.models.denoiser import Denoiser, DenoiserConfig
+    from engine.models.io import load_model
+
+    d = Path(path) if path is not None else DEFAULT_BUNDLE
+    mpath = d / "manifest.json"
+    if not mpath.is_file():
+        raise BundleError(f"{d}: not a model bundle (no manifest.json)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if verify:
+        for name, digest in manifest.get("files", {}).items():
+            f = d / name
+            if not f.is_file():
+                raise BundleError(f"{f}: listed in the manifest but missing")
+            if sha256_file(f) != digest:
+                raise BundleError(f"{f}: sha256 does not match the manifest (the file was changed or corrupted)")
+    kinds = {"autoencoder": (AutoencoderKL, AutoencoderConfig), "audio_encoder": (AudioEncoder, AudioEncoderConfig),
+             "a2l": (AudioToLandmarks, A2LConfig), "denoiser": (Denoiser, DenoiserConfig)}
+    try:
+        from engine.models.sync import SyncConfig, SyncExpert
+
+        kinds["sync"] = (SyncExpert, SyncConfig)
+    except ImportError:
+        pass
+    bundle = Bundle(d, manifest)
+    for role, stem in manifest.get("models", {}).items():
+        if role not in kinds:
+            continue
+        cls, cfg_cls = kinds[role]
+        try:
+            bundle.models[role] = load_model(cls, cfg_cls, d / stem)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            raise BundleError(f"{d / stem}: cannot load the {role} model: {e}") from None
+    for role in REQUIRED:
+        if role not in bundle.models:
+            raise BundleError(f"{d}: the manifest names no {role} model")
+    return bundle

@@ -1,0 +1,91 @@
+"""Per-frame generation from a bundle and an avatar: audio features, A2L landmarks, conditional
+denoising of the mouth-region latent (conditioned on the previous output), decoding and
+compositing into the portrait. The offline render and (later) the live pipeline call these
+stages; nothing here knows about files, clocks or transports.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.audio import frame_times_constant, log_mel, mel_windows_for_frames
+from engine.avatar import Avatar
+from engine.bundle import Bundle
+from engine.face.paste import paste_back
+from engine.face.region import from_patch_units, patch_box, patch_mask, warp_indices
+from engine.models.warp import warp
+from engine.sampling import ddim_sample
+
+
+class FrameGenerator:
+    """Generates the avatar's frames for audio features, one frame at a time (keeps the previous output)."""
+
+    def __init__(self, bundle: Bundle, avatar: Avatar, *, steps: int | None = None, seed: int = 0):
+        self.bundle, self.avatar = bundle, avatar
+        self.ae, self.enc, self.a2l, self.den = bundle.autoencoder, bundle.audio_encoder, bundle.a2l, bundle.denoiser
+        self.steps = int(steps if steps is not None else bundle.steps)
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        self.moving = np.asarray(self.a2l.config.landmark_indices)
+        self.ref_all = torch.from_numpy(avatar.landmarks_patch_units())[None]  # (1, 478, 2)
+        self.ref_moving = self.ref_all[:, self.moving]  # (1, K, 2)
+        g = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn(avatar.latent.shape, generator=g)  # one noise for every frame: temporally stable
+        self.warp_idx = warp_indices()
+        self.avatar_mask = avatar.mask()  # (P, P)
+        self.previous: torch.Tensor | None = None
+        self.a2l_state: torch.Tensor | None = None
+
+    # -- audio and landmarks (whole sequences; causal, so equal to running them frame by frame) --
+    @torch.no_grad()
+    def audio_features(self, wave_16k: np.ndarray, n_frames: int) -> torch.Tensor:
+        """(n_frames, D) smoothed audio features for frames at the bundle's fps."""
+        mel = log_mel(wave_16k)  # (T, 80)
+        times = frame_times_constant(n_frames, self.bundle.fps)
+        win = mel_windows_for_frames(times, len(mel), before=self.enc.config.mel_before, after=self.enc.config.mel_after)
+        return self.enc(torch.from_numpy(mel[win])[None])[0]  # (F, D)
+
+    @torch.no_grad()
+    def landmarks(self, feats: torch.Tensor) -> torch.Tensor:
+        """(F, D) features -> (F, K, 2) moving landmarks in patch units (continues the A2L state)."""
+        lm, self.a2l_state = self.a2l(feats[None], self.ref_moving, self.a2l_state)
+        return lm[0]
+
+    def audio_tokens(self, feats: torch.Tensor, f: int) -> torch.Tensor:
+        a = self.den.config.audio_tokens
+        idx = np.clip(np.arange(f - a + 1, f + 1), 0, None)
+        return feats[idx][None]  # (1, A, D)
+
+    # -- one frame --
+    @torch.no_grad()
+    def frame(self, lm_moving: torch.Tensor, audio: torch.Tensor) -> np.ndarray:
+        """Landmarks (K, 2) and audio tokens (1, A, D) -> the full output frame (H, W, 3) uint8."""
+        av = self.avatar
+        s = av.crop_size_px
+        lm_all = self.ref_all.clone()
+        lm_all[:, self.moving] = lm_moving[None]
+        px_mask = np.maximum(self.avatar_mask, patch_mask(from_patch_units(lm_all[0].numpy()) * s, s))  # (P, P)
+        d = self.ae.config.downsample
+        p = px_mask.shape[0]
+        m_lat = torch.from_numpy(px_mask.reshape(p // d, d, p // d, d).max(axis=(1, 3)) > 0.01).float()[None, None]
+        cond = {"masked": av.latent * (1 - m_lat), "mask": m_lat, "reference": warp(av.latent, self.ref_all[:, self.warp_idx], lm_all[:, self.warp_idx]),
+                "previous": self.previous if self.previous is not None else torch.zeros_like(av.latent),
+                "landmarks": lm_moving[None], "audio": audio}
+
+        def denoise(z, t, c):
+            return self.den(z, t, c["masked"], c["mask"], c["reference"], c["previous"], c["landmarks"], c["audio"])
+
+        x0 = ddim_sample(denoise, self.noise, cond, steps=self.steps)
+        self.previous = m_lat * x0 + (1 - m_lat) * av.latent
+        patch = ((self.ae.decode(x0)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (P, P, 3)
+        x0p, y0p, side = patch_box(s)
+        crop = av.crop.copy()
+        crop[y0p : y0p + side, x0p : x0p + side] = patch
+        mask = np.zeros((s, s), np.float32)
+        mask[y0p : y0p + side, x0p : x0p + side] = px_mask
+        return paste_back(av.image, crop, av.affine, mask)
+
+    def reset(self) -> None:
+        """Forget the previous output and the A2L state (a new utterance, or re-anchoring)."""
+        self.previous = None
+        self.a2l_state = None

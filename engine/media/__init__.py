@@ -1,0 +1,1 @@
+"""Media output: mp4 files with video and audio (PyAV)."""

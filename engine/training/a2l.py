@@ -1,0 +1,119 @@
+"""Train the audio encoder and A2L together: audio -> lip and jaw landmarks, on speech shards.
+
+Each sample is a run of ``seq_frames`` frames of one segment: log-mel windows in, the moving
+landmarks (engine/face/region.moving_indices) in patch units out, with a random frame of the same
+segment as the reference (the avatar's own landmarks at inference). Held-out report: mean lip
+landmark error in pixels of the 256 px crop, beside the static baseline (the reference itself).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.face.geometry import index_sets
+from engine.face.region import moving_indices, to_patch_units
+from engine.models.a2l import A2LConfig, AudioToLandmarks
+from engine.models.audio_encoder import AudioEncoder, AudioEncoderConfig
+from engine.models.io import config_from_dict, save_model
+from engine.training.data import FrameStore
+from engine.training.loop import TrainConfig, train
+
+
+class AudioToLandmarkStack(torch.nn.Module):
+    """The two models trained as one (saved as two)."""
+
+    def __init__(self, enc: AudioEncoder, a2l: AudioToLandmarks):
+        super().__init__()
+        self.encoder, self.a2l = enc, a2l
+
+    def forward(self, mel_windows, reference):
+        return self.a2l(self.encoder(mel_windows), reference)[0]
+
+
+def _sequences(store: FrameStore, seq_frames: int) -> list[int]:
+    return [i for i in store.audio_segments() if store.segments[i].length >= seq_frames]
+
+
+def make_sample(store: FrameStore, seg: int, start: int, seq: int, ref: int, enc_cfg: AudioEncoderConfig, idx: np.ndarray):
+    s = store.segments[seg]
+    frames = np.arange(start, start + seq)
+    mel = store.mel_window(seg, frames, enc_cfg.mel_before, enc_cfg.mel_after)  # (T, W, 80)
+    lm = to_patch_units(store.landmarks[s.start + frames][:, idx])  # (T, K, 2)
+    reference = to_patch_units(store.landmarks[s.start + ref][idx])  # (K, 2)
+    return mel, lm, reference
+
+
+def lip_weights(idx: np.ndarray) -> np.ndarray:
+    lips = set(index_sets()["lips"].tolist())
+    return np.array([2.0 if i in lips else 1.0 for i in idx], np.float32)
+
+
+def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainConfig, *, seq_frames: int = 50, velocity_weight: float = 2.0) -> None:
+    store = FrameStore(data_dirs, split="train", with_patches=False)
+    segs = _sequences(store, seq_frames)
+    if not segs:
+        raise ValueError(f"no training segment with audio is {seq_frames} frames long")
+    mels = np.concatenate([store.segments[i].mel for i in segs])
+    enc_cfg = config_from_dict(AudioEncoderConfig, {**model_cfg.get("audio_encoder", {}), "mel_mean": float(mels.mean()), "mel_std": float(mels.std())})
+    idx = moving_indices()
+    a2l_cfg = config_from_dict(A2LConfig, {**model_cfg.get("a2l", {}), "landmark_indices": [int(i) for i in idx], "feature_dim": enc_cfg.feature_dim})
+    torch.manual_seed(tcfg.seed)
+    model = AudioToLandmarkStack(AudioEncoder(enc_cfg), AudioToLandmarks(a2l_cfg))
+    lengths = np.array([store.segments[i].length for i in segs], np.float64)
+    p = lengths / lengths.sum()
+    w = torch.from_numpy(lip_weights(idx))[None, None, :, None]
+    print(f"a2l: {len(segs)} training segments, {int(lengths.sum())} frames")
+
+    def make_batch(rng):
+        out = []
+        for _ in range(tcfg.batch_size):
+            seg = segs[rng.choice(len(segs), p=p)]
+            n = store.segments[seg].length
+            out.append(make_sample(store, seg, int(rng.integers(0, n - seq_frames + 1)), seq_frames, int(rng.integers(0, n)), enc_cfg, idx))
+        mel, lm, ref = (torch.from_numpy(np.stack(x)) for x in zip(*out))
+        mel = mel + torch.from_numpy(rng.uniform(-1.0, 1.0, (len(mel), 1, 1, 1)).astype(np.float32))  # loudness
+        return mel, lm, ref
+
+    def loss_fn(m, batch):
+        mel, lm, ref = batch
+        pred = m(mel, ref)  # (B, T, K, 2)
+        pos = ((pred - lm).abs() * w).mean()
+        vel = (((pred[:, 1:] - pred[:, :-1]) - (lm[:, 1:] - lm[:, :-1])).abs() * w).mean()
+        return 100.0 * (pos + velocity_weight * vel), {"pos_l1_patch_pct": 100.0 * pos.item(), "vel_l1_patch_pct": 100.0 * vel.item()}
+
+    trained = train(name="a2l", model=model, make_batch=make_batch, loss_fn=loss_fn, cfg=tcfg, out_dir=out_dir)
+    save_model(trained.encoder, Path(out_dir) / "audio_encoder")
+    save_model(trained.a2l, Path(out_dir) / "a2l")
+    report = evaluate_a2l(trained.encoder, trained.a2l, data_dirs)
+    (Path(out_dir) / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    print("a2l held-out:", json.dumps(report))
+
+
+@torch.no_grad()
+def evaluate_a2l(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str], *, crop_px: int = 256) -> dict:
+    """Held-out lip landmark error (pixels at ``crop_px``) for whole segments, reference = the segment's first frame."""
+    try:
+        store = FrameStore(data_dirs, split="eval", with_patches=False)
+    except ValueError:
+        return {"segments": 0}
+    idx = np.asarray(a2l.config.landmark_indices)
+    lips = np.isin(idx, index_sets()["lips"])
+    errs, base, opening_corr = [], [], []
+    for seg in store.audio_segments():
+        s = store.segments[seg]
+        mel, lm, ref = make_sample(store, seg, 0, s.length, 0, enc.config, idx)
+        pred = a2l(enc(torch.from_numpy(mel)[None]), torch.from_numpy(ref)[None])[0][0].numpy()  # (T, K, 2)
+        scale = crop_px * 0.5  # patch units -> crop pixels (the patch is half the crop)
+        errs.append(np.linalg.norm(pred[:, lips] - lm[:, lips], axis=-1).mean() * scale)
+        base.append(np.linalg.norm(ref[None, lips] - lm[:, lips], axis=-1).mean() * scale)
+        # mouth opening (inner lips 13 - 14) over time: correlation of prediction with ground truth
+        i13, i14 = int(np.where(idx == 13)[0][0]), int(np.where(idx == 14)[0][0])
+        go = lm[:, i14, 1] - lm[:, i13, 1]
+        po = pred[:, i14, 1] - pred[:, i13, 1]
+        opening_corr.append(float(np.corrcoef(go, po)[0, 1]) if go.std() > 0 and po.std() > 0 else 0.0)
+    return {"segments": len(errs), "lip_error_px_at_256": float(np.mean(errs)), "static_reference_lip_error_px_at_256": float(np.mean(base)),
+            "mouth_opening_correlation": float(np.mean(opening_corr)), "clips": sorted({store.segments[i].clip for i in store.audio_segments()})}

@@ -1,0 +1,41 @@
+"""`avatar train MODEL --data DIR.. --config FILE --out RUN`: read the config, call the trainer."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from engine.models.io import config_from_dict
+from engine.training.loop import train_config_from
+
+
+def run_training(model: str, *, data: list[str], config: Path, out: Path) -> None:
+    if not config.is_file():
+        raise FileNotFoundError(f"config file not found: {config}")
+    spec = json.loads(config.read_text())
+    unknown = sorted(set(spec) - {"model", "train", "options", "_comment"})
+    if unknown:
+        raise ValueError(f"{config}: unknown top-level keys {unknown} (expected model, train, options)")
+    tcfg = train_config_from(spec.get("train", {}))
+    opts = spec.get("options", {})
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config, out / "config.json")
+    if model == "autoencoder":
+        from engine.models.autoencoder import AutoencoderConfig
+        from engine.training.autoencoder import train_autoencoder
+
+        train_autoencoder(data, str(out), config_from_dict(AutoencoderConfig, spec.get("model", {})), tcfg, **opts)
+    elif model == "a2l":
+        from engine.training.a2l import train_a2l
+
+        train_a2l(data, str(out), spec.get("model", {}), tcfg, **opts)
+    elif model == "denoiser":
+        from engine.training.denoiser import train_denoiser
+
+        train_denoiser(data, str(out), spec.get("model", {}), tcfg, **opts)
+    elif model == "sync":
+        from engine.training.sync import train_sync
+
+        train_sync(data, str(out), spec.get("model", {}), tcfg, **opts)
+    else:
+        raise ValueError(f"unknown model {model!r}")

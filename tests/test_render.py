@@ -1,0 +1,99 @@
+"""Bundles (hash checks) and the offline render, end to end with a tiny random-weight bundle."""
+from __future__ import annotations
+
+import json
+import wave
+
+import av
+import numpy as np
+import pytest
+
+from engine.bundle import load_bundle
+from engine.cli import main
+from engine.errors import BundleError, NoFaceError
+from tests.synth import speech_like
+from tests.tiny import tiny_bundle
+
+PORTRAIT = "portraits/dreamtalk__data_src_img_cropped_f30.png"
+
+
+def _wav(path, seconds: float, sr: int = 16000):
+    x = (speech_like(seconds, sr) * 32767 * 0.5).astype(np.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(x.tobytes())
+    return path
+
+
+def test_bundle_loads_and_refuses_changed_files(tmp_path):
+    d = tiny_bundle(tmp_path / "b")
+    b = load_bundle(d)
+    assert b.fps == 25 and b.steps == 2 and set(b.models) == {"autoencoder", "audio_encoder", "a2l", "denoiser"}
+    w = d / "a2l.pt"
+    w.write_bytes(w.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match=r"a2l\.pt: sha256 does not match"):
+        load_bundle(d)
+    (d / "a2l.json").unlink()
+    with pytest.raises(BundleError, match=r"a2l\.json: listed in the manifest but missing"):
+        load_bundle(d)
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(tmp_path)
+
+
+def test_default_bundle_is_valid_and_small():
+    from engine.bundle import DEFAULT_BUNDLE
+
+    if not (DEFAULT_BUNDLE / "manifest.json").is_file():
+        pytest.skip("no default bundle in this checkout yet")
+    b = load_bundle()
+    size = sum(p.stat().st_size for p in DEFAULT_BUNDLE.iterdir())
+    assert size < 50 * 2**20
+    assert b.manifest["steps"] >= 1
+
+
+def test_render_one_second_gives_25_frames_and_audio(shared_data, tmp_path):
+    d = tiny_bundle(tmp_path / "b")
+    out = tmp_path / "out.mp4"
+    rc = main(["render", "--portrait", str(shared_data / PORTRAIT), "--audio", str(_wav(tmp_path / "a.wav", 1.0)), "-o", str(out),
+               "--bundle", str(d), "--quiet", "--threads", "1"])
+    assert rc == 0
+    with av.open(str(out)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(frames) == 25
+        assert a.codec_context.name == "aac" and a.sample_rate == 48000
+    with av.open(str(out)) as c:
+        n_audio = sum(f.samples for f in c.decode(audio=0))
+    assert abs(n_audio / 48000 - 1.0) < 0.05
+
+
+def test_render_is_deterministic_given_seed(shared_data, tmp_path):
+    from engine.render import render
+
+    d = tiny_bundle(tmp_path / "b")
+    wav = _wav(tmp_path / "a.wav", 0.4)
+    outs = []
+    for i in range(2):
+        render(shared_data / PORTRAIT, wav, tmp_path / f"o{i}.mp4", bundle=d, seed=7, progress=False)
+        with av.open(str(tmp_path / f"o{i}.mp4")) as c:
+            outs.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_render_bad_inputs_give_clear_errors(shared_data, tmp_path, capsys):
+    d = tiny_bundle(tmp_path / "b")
+    wav = _wav(tmp_path / "a.wav", 0.3)
+    blank = tmp_path / "blank.png"
+    import cv2
+
+    cv2.imwrite(str(blank), np.full((256, 256, 3), 128, np.uint8))
+    assert main(["render", "--portrait", str(blank), "--audio", str(wav), "-o", str(tmp_path / "x.mp4"), "--bundle", str(d), "--quiet"]) == 2
+    assert "no face" in capsys.readouterr().err.lower()
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    assert main(["render", "--portrait", str(junk), "--audio", str(wav), "-o", str(tmp_path / "x.mp4"), "--bundle", str(d), "--quiet"]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    assert main(["render", "--portrait", str(shared_data / PORTRAIT), "--audio", str(junk), "-o", str(tmp_path / "x.mp4"), "--bundle", str(d), "--quiet"]) == 2
+    assert not (tmp_path / "x.mp4").exists()
