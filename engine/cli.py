@@ -60,6 +60,19 @@ def _cmd_render(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from engine.bundle import load_bundle
+    from engine.eval.selfrecon import evaluate_selfrecon
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rep = evaluate_selfrecon(load_bundle(a.bundle), a.data, a.out, max_frames=a.max_frames, steps=a.steps, seed=a.seed)
+    print((Path(a.out) / "report.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="avatar", description="Real-time talking-head avatar engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -92,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("eval", help="held-out self-reconstruction report (JSON, Markdown, PNG strips)")
+    p.add_argument("--data", nargs="+", required=True, help="folders written by `avatar prepare` holding the held-out clips")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    p.add_argument("--max-frames", type=int, default=100, help="frames evaluated per held-out segment")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("train", help="train one model from prepared shards (resumes from OUT/checkpoint.pt)")
     p.add_argument("model", choices=("autoencoder", "a2l", "denoiser", "sync"), help="which model")

@@ -46,6 +46,13 @@ class FrameGenerator:
         return self.enc(torch.from_numpy(mel[win])[None])[0]  # (F, D)
 
     @torch.no_grad()
+    def audio_features_from_mel(self, mel: np.ndarray, mel_index: np.ndarray) -> torch.Tensor:
+        """(F, D) features from a log-mel (T, 80) and each frame's centre row (F,) (e.g. a prepared shard)."""
+        c = self.enc.config
+        win = np.clip(mel_index[:, None] + np.arange(-c.mel_before, c.mel_after + 1)[None, :], 0, len(mel) - 1)
+        return self.enc(torch.from_numpy(mel[win].astype(np.float32))[None])[0]
+
+    @torch.no_grad()
     def landmarks(self, feats: torch.Tensor) -> torch.Tensor:
         """(F, D) features -> (F, K, 2) moving landmarks in patch units (continues the A2L state)."""
         lm, self.a2l_state = self.a2l(feats[None], self.ref_moving, self.a2l_state)
@@ -58,8 +65,11 @@ class FrameGenerator:
 
     # -- one frame --
     @torch.no_grad()
-    def frame(self, lm_moving: torch.Tensor, audio: torch.Tensor) -> np.ndarray:
-        """Landmarks (K, 2) and audio tokens (1, A, D) -> the full output frame (H, W, 3) uint8."""
+    def frame(self, lm_moving: torch.Tensor, audio: torch.Tensor, *, warp_only: bool = False) -> np.ndarray:
+        """Landmarks (K, 2) and audio tokens (1, A, D) -> the full output frame (H, W, 3) uint8.
+
+        ``warp_only``: skip diffusion and show the portrait's latent warped to the landmarks (a baseline).
+        """
         av = self.avatar
         s = av.crop_size_px
         lm_all = self.ref_all.clone()
@@ -75,7 +85,7 @@ class FrameGenerator:
         def denoise(z, t, c):
             return self.den(z, t, c["masked"], c["mask"], c["reference"], c["previous"], c["landmarks"], c["audio"])
 
-        x0 = ddim_sample(denoise, self.noise, cond, steps=self.steps)
+        x0 = cond["reference"] if warp_only else ddim_sample(denoise, self.noise, cond, steps=self.steps)
         self.previous = m_lat * x0 + (1 - m_lat) * av.latent
         patch = ((self.ae.decode(x0)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (P, P, 3)
         x0p, y0p, side = patch_box(s)

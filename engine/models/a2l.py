@@ -17,6 +17,7 @@ class A2LConfig:
     hidden: int = 192  # GRU width
     layers: int = 2  # GRU layers
     delta_scale: float = 0.1  # output scale: predicted offsets are small in patch units
+    dropout: float = 0.0  # dropout on the GRU input (training only)
 
     @property
     def n_landmarks(self) -> int:
@@ -32,6 +33,7 @@ class AudioToLandmarks(nn.Module):
         k2 = 2 * config.n_landmarks
         self.ref_proj = nn.Sequential(nn.Linear(k2, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.hidden))
         self.in_proj = nn.Linear(config.feature_dim + config.hidden, config.hidden)
+        self.drop = nn.Dropout(config.dropout)
         self.gru = nn.GRU(config.hidden, config.hidden, num_layers=config.layers, batch_first=True)
         self.head = nn.Sequential(nn.Linear(config.hidden * 2, config.hidden), nn.GELU(), nn.Linear(config.hidden, k2))
 
@@ -39,7 +41,7 @@ class AudioToLandmarks(nn.Module):
         """audio (B, T, D), reference (B, K, 2) in patch units -> landmarks (B, T, K, 2), GRU state (L, B, H)."""
         b, t, _ = audio.shape
         r = self.ref_proj((reference - 0.5).reshape(b, -1))  # (B, H)
-        x = self.in_proj(torch.cat([audio, r[:, None].expand(-1, t, -1)], dim=-1))  # (B, T, H)
+        x = self.drop(self.in_proj(torch.cat([audio, r[:, None].expand(-1, t, -1)], dim=-1)))  # (B, T, H)
         if state is None:
             state = torch.zeros(self.config.layers, b, self.config.hidden, dtype=audio.dtype, device=audio.device)
         h, state = self.gru(x, state)  # (B, T, H)

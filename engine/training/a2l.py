@@ -47,12 +47,35 @@ def make_sample(store: FrameStore, seg: int, start: int, seq: int, ref: int, enc
     return mel, lm, reference
 
 
+def augment_mel(rng: np.random.Generator, mel: torch.Tensor, enc_cfg: AudioEncoderConfig) -> torch.Tensor:
+    """Voice and channel augmentation of (B, T, W, n_mels) log-mel windows, for unseen speakers:
+    a random warp of the mel axis (vocal-tract length, +-12 %), loudness (+-1 in log units),
+    a random spectral tilt, frequency masks (SpecAugment) and a little noise."""
+    b, _, _, n = mel.shape
+    out = torch.empty_like(mel)
+    bins = np.arange(n, dtype=np.float64)
+    for i in range(b):
+        alpha = rng.uniform(0.88, 1.12)
+        src = np.clip(bins / alpha, 0, n - 1)  # output bin k reads input bin k / alpha
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n - 1)
+        f = torch.from_numpy((src - lo).astype(np.float32))
+        x = mel[i][..., lo] * (1 - f) + mel[i][..., hi] * f
+        x = x + float(rng.uniform(-1.0, 1.0)) + torch.from_numpy(np.linspace(-1, 1, n, dtype=np.float32)) * float(rng.uniform(-0.5, 0.5))
+        for _ in range(2):
+            w = int(rng.integers(0, 9))
+            k = int(rng.integers(0, n - w + 1))
+            x[..., k : k + w] = enc_cfg.mel_mean
+        out[i] = x
+    return out + 0.1 * torch.randn_like(out)
+
+
 def lip_weights(idx: np.ndarray) -> np.ndarray:
     lips = set(index_sets()["lips"].tolist())
     return np.array([2.0 if i in lips else 1.0 for i in idx], np.float32)
 
 
-def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainConfig, *, seq_frames: int = 50, velocity_weight: float = 2.0) -> None:
+def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainConfig, *, seq_frames: int = 50, velocity_weight: float = 2.0, shape_weight: float = 2.0) -> None:
     store = FrameStore(data_dirs, split="train", with_patches=False)
     segs = _sequences(store, seq_frames)
     if not segs:
@@ -75,15 +98,17 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
             n = store.segments[seg].length
             out.append(make_sample(store, seg, int(rng.integers(0, n - seq_frames + 1)), seq_frames, int(rng.integers(0, n)), enc_cfg, idx))
         mel, lm, ref = (torch.from_numpy(np.stack(x)) for x in zip(*out))
-        mel = mel + torch.from_numpy(rng.uniform(-1.0, 1.0, (len(mel), 1, 1, 1)).astype(np.float32))  # loudness
-        return mel, lm, ref
+        return augment_mel(rng, mel, enc_cfg), lm, ref
 
     def loss_fn(m, batch):
         mel, lm, ref = batch
         pred = m(mel, ref)  # (B, T, K, 2)
         pos = ((pred - lm).abs() * w).mean()
         vel = (((pred[:, 1:] - pred[:, :-1]) - (lm[:, 1:] - lm[:, :-1])).abs() * w).mean()
-        return 100.0 * (pos + velocity_weight * vel), {"pos_l1_patch_pct": 100.0 * pos.item(), "vel_l1_patch_pct": 100.0 * vel.item()}
+        cp, cl = pred - pred.mean(dim=2, keepdim=True), lm - lm.mean(dim=2, keepdim=True)  # shape without position
+        shape = ((cp - cl).abs() * w).mean()
+        loss = 100.0 * (pos + velocity_weight * vel + shape_weight * shape)
+        return loss, {"pos_l1_patch_pct": 100.0 * pos.item(), "vel_l1_patch_pct": 100.0 * vel.item(), "shape_l1_patch_pct": 100.0 * shape.item()}
 
     trained = train(name="a2l", model=model, make_batch=make_batch, loss_fn=loss_fn, cfg=tcfg, out_dir=out_dir)
     save_model(trained.encoder, Path(out_dir) / "audio_encoder")
