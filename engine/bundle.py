@@ -61,6 +61,14 @@ class Bundle:
         return int(self.manifest["steps"])
 
     @property
+    def blink_prior(self):
+        """The bundle's fitted blink prior (motion_prior.json), else the defaults."""
+        from engine.motion.blink import BlinkPrior
+
+        f = self.path / "motion_prior.json"
+        return BlinkPrior.load(f) if f.is_file() else BlinkPrior()
+
+    @property
     def crop_size_px(self) -> int:
         return int(self.manifest["crop_size_px"])
 

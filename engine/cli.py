@@ -52,7 +52,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_render(a: argparse.Namespace) -> int:
     from engine.render import render
 
-    info = render(a.portrait, a.audio, a.out, bundle=a.bundle, steps=a.steps, seed=a.seed, threads=a.threads, progress=not a.quiet)
+    info = render(a.portrait, a.audio, a.out, bundle=a.bundle, steps=a.steps, seed=a.seed, blinks=not a.no_blinks, threads=a.threads, progress=not a.quiet)
     for n in info["notes"]:
         print(f"note: {n}")
     print(f"wrote {info['out']}: {info['frames']} frames at {info['fps']} fps ({info['audio_s']} s of audio), "
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output mp4")
     p.add_argument("--bundle", help="model bundle folder (default: the bundle shipped with the engine)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (renders are deterministic given it)")
+    p.add_argument("--seed", type=int, default=0, help="noise and blink seed (renders are deterministic given it)")
+    p.add_argument("--no-blinks", action="store_true", help="keep the eyes as in the portrait")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_render)

@@ -14,13 +14,14 @@ from engine.bundle import Bundle
 from engine.face.paste import paste_back
 from engine.face.region import from_patch_units, patch_box, patch_mask, warp_indices
 from engine.models.warp import warp
+from engine.motion.blink import BlinkSampler, close_eyes
 from engine.sampling import ddim_sample
 
 
 class FrameGenerator:
     """Generates the avatar's frames for audio features, one frame at a time (keeps the previous output)."""
 
-    def __init__(self, bundle: Bundle, avatar: Avatar, *, steps: int | None = None, seed: int = 0):
+    def __init__(self, bundle: Bundle, avatar: Avatar, *, steps: int | None = None, seed: int = 0, blinks: bool = True):
         self.bundle, self.avatar = bundle, avatar
         self.ae, self.enc, self.a2l, self.den = bundle.autoencoder, bundle.audio_encoder, bundle.a2l, bundle.denoiser
         self.steps = int(steps if steps is not None else bundle.steps)
@@ -33,6 +34,7 @@ class FrameGenerator:
         self.noise = torch.randn(avatar.latent.shape, generator=g)  # one noise for every frame: temporally stable
         self.warp_idx = warp_indices()
         self.avatar_mask = avatar.mask()  # (P, P)
+        self.blinks = BlinkSampler(bundle.blink_prior, bundle.fps, seed) if blinks else None
         self.previous: torch.Tensor | None = None
         self.a2l_state: torch.Tensor | None = None
 
@@ -93,6 +95,10 @@ class FrameGenerator:
         crop[y0p : y0p + side, x0p : x0p + side] = patch
         mask = np.zeros((s, s), np.float32)
         mask[y0p : y0p + side, x0p : x0p + side] = px_mask
+        closure = self.blinks.next() if self.blinks is not None else 0.0
+        if closure > 0.0:
+            crop, eye_mask = close_eyes(crop, av.landmarks * s, closure)
+            mask = np.maximum(mask, eye_mask)
         return paste_back(av.image, crop, av.affine, mask)
 
     def reset(self) -> None:

@@ -18,7 +18,7 @@ MUX_RATE_HZ = 48000  # the audio track of the mp4 (features use 16 kHz)
 
 
 def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: Bundle | str | Path | None = None,
-           steps: int | None = None, seed: int = 0, threads: int | None = None, progress: bool = True) -> dict:
+           steps: int | None = None, seed: int = 0, blinks: bool = True, threads: int | None = None, progress: bool = True) -> dict:
     """Render ``out`` and return timings: frames, seconds of audio, wall time per stage."""
     if threads:
         torch.set_num_threads(threads)
@@ -31,7 +31,7 @@ def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: 
     image = load_portrait(portrait)
     av_ = prepare_avatar(image, b.autoencoder, crop_size_px=b.crop_size_px)
     t_prep = time.perf_counter()
-    gen = FrameGenerator(b, av_, steps=steps, seed=seed)
+    gen = FrameGenerator(b, av_, steps=steps, seed=seed, blinks=blinks)
     feats = gen.audio_features(wave, n_frames)
     lms = gen.landmarks(feats)
     t_audio = time.perf_counter()

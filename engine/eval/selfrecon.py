@@ -105,7 +105,7 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
         patch_r = extract_patch(crop_r)
         avatar = Avatar(crop_r, np.array([[1.0, 0, 0], [0, 1.0, 0]]), crop_r, lm_r,
                         bundle.autoencoder.encode(_t(patch_r[None])), [])
-        gen = FrameGenerator(bundle, avatar, steps=steps, seed=seed)
+        gen = FrameGenerator(bundle, avatar, steps=steps, seed=seed, blinks=False)  # ground truth blinks when it will
         feats = gen.audio_features_from_mel(seg.mel, seg.mel_index)
         lms = gen.landmarks(feats)
         outs = {"ours": [], "warp_only": []}
