@@ -8,6 +8,8 @@ from pathlib import Path
 
 from engine.errors import AvatarInputError
 
+DEMO = Path(__file__).resolve().parent / "assets" / "demo"  # public-domain portrait and synthesised voice (see its README)
+
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
     from engine.data.prepare import PrepareConfig, prepare
@@ -96,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("render", help="portrait + speech file -> mp4 (the default bundle unless --bundle)")
-    p.add_argument("--portrait", required=True, help="an image with one face (PNG, JPEG, ...)")
-    p.add_argument("--audio", required=True, help="speech: any audio or video file with an audio stream")
+    p.add_argument("--portrait", default=str(DEMO / "astronaut.jpg"), help="an image with one face (PNG, JPEG, ...); default: the shipped demo portrait")
+    p.add_argument("--audio", default=str(DEMO / "demo_voice.wav"), help="speech: any audio or video file with an audio stream; default: the shipped demo voice")
     p.add_argument("-o", "--out", required=True, help="output mp4")
     p.add_argument("--bundle", help="model bundle folder (default: the bundle shipped with the engine)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
