@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AudioEncoderConfig:
+    input_kind: str = "mel"  # "mel": log-mel windows (B, T, W, n_mels); "speech_embedding": (B, T, 96) pretrained embeddings
+    embedding_dim: int = 96  # size of a speech embedding (engine/audio/speech_embedding.py)
     n_mels: int = 80  # log-mel bins (engine/audio/mel.py)
     mel_before: int = 12  # mel rows (10 ms each) before the frame's centre row in its window
     mel_after: int = 3  # mel rows after the centre row (audio lookahead inside a frame's window)
@@ -23,7 +25,7 @@ class AudioEncoderConfig:
     hidden: int = 128  # conv width
     filter_context_frames: int = 8  # past video frames the temporal filter attends to
     filter_lookahead_frames: int = 1  # future video frames it attends to (<= 2: it is latency)
-    mel_mean: float = 0.0  # normalisation of log-mel input (set from training data)
+    mel_mean: float = 0.0  # normalisation of the input (log-mel or embedding), set from training data
     mel_std: float = 1.0
 
     @property
@@ -40,20 +42,27 @@ class AudioEncoder(nn.Module):
         super().__init__()
         if config.filter_lookahead_frames > 2:
             raise ValueError("filter_lookahead_frames must be at most 2 (it adds latency)")
+        if config.input_kind not in ("mel", "speech_embedding"):
+            raise ValueError(f"input_kind must be mel or speech_embedding, got {config.input_kind!r}")
         self.config = config
         h, d = config.hidden, config.feature_dim
-        self.conv = nn.Sequential(
-            nn.Conv1d(config.n_mels, h, 3, padding=1), nn.GELU(),
-            nn.Conv1d(h, h, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv1d(h, h, 3, stride=2, padding=1), nn.GELU(),
-        )
+        if config.input_kind == "mel":
+            self.conv = nn.Sequential(
+                nn.Conv1d(config.n_mels, h, 3, padding=1), nn.GELU(),
+                nn.Conv1d(h, h, 3, stride=2, padding=1), nn.GELU(),
+                nn.Conv1d(h, h, 3, stride=2, padding=1), nn.GELU(),
+            )
+        else:
+            self.embed = nn.Sequential(nn.Linear(config.embedding_dim, h), nn.GELU(), nn.Linear(h, h), nn.GELU())
         self.proj = nn.Linear(h, d)
         k = config.filter_taps
         self.filter_score = nn.Sequential(nn.Linear(k * d, 128), nn.GELU(), nn.Linear(128, k))
         self.out_norm = nn.LayerNorm(d)
 
     def frame_features(self, mel_windows: torch.Tensor) -> torch.Tensor:
-        """(B, T, W, n_mels) log-mel windows -> raw per-frame features (B, T, D)."""
+        """(B, T, W, n_mels) log-mel windows, or (B, T, 96) speech embeddings -> raw per-frame features (B, T, D)."""
+        if self.config.input_kind == "speech_embedding":
+            return self.proj(self.embed((mel_windows - self.config.mel_mean) / self.config.mel_std))
         b, t, w, n = mel_windows.shape
         x = (mel_windows - self.config.mel_mean) / self.config.mel_std
         x = x.reshape(b * t, w, n).transpose(1, 2)  # (B*T, n_mels, W)
@@ -74,5 +83,5 @@ class AudioEncoder(nn.Module):
         return self.smooth_windows(windows)
 
     def forward(self, mel_windows: torch.Tensor) -> torch.Tensor:
-        """(B, T, W, n_mels) -> smoothed features (B, T, D)."""
+        """(B, T, W, n_mels) log-mel windows (or (B, T, 96) embeddings) -> smoothed features (B, T, D)."""
         return self.smooth(self.frame_features(mel_windows))

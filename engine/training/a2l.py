@@ -38,10 +38,21 @@ def _sequences(store: FrameStore, seq_frames: int) -> list[int]:
     return [i for i in store.audio_segments() if store.segments[i].length >= seq_frames]
 
 
-def make_sample(store: FrameStore, seg: int, start: int, seq: int, ref: int, enc_cfg: AudioEncoderConfig, idx: np.ndarray):
+def segment_embeddings(store: FrameStore, lookahead_rows: int) -> dict[int, np.ndarray]:
+    """Speech embeddings (F, 96) of every audio segment (engine/audio/speech_embedding.py)."""
+    from engine.audio.speech_embedding import speech_embeddings
+
+    return {i: speech_embeddings(store.segments[i].wave, store.segments[i].time_s, lookahead_rows=lookahead_rows) for i in store.audio_segments()}
+
+
+def make_sample(store: FrameStore, seg: int, start: int, seq: int, ref: int, enc_cfg: AudioEncoderConfig, idx: np.ndarray,
+                embeddings: dict[int, np.ndarray] | None = None):
     s = store.segments[seg]
     frames = np.arange(start, start + seq)
-    mel = store.mel_window(seg, frames, enc_cfg.mel_before, enc_cfg.mel_after)  # (T, W, 80)
+    if enc_cfg.input_kind == "speech_embedding":
+        mel = embeddings[seg][frames]  # (T, 96)
+    else:
+        mel = store.mel_window(seg, frames, enc_cfg.mel_before, enc_cfg.mel_after)  # (T, W, 80)
     lm = to_patch_units(store.landmarks[s.start + frames][:, idx])  # (T, K, 2)
     reference = to_patch_units(store.landmarks[s.start + ref][idx])  # (K, 2)
     return mel, lm, reference
@@ -80,8 +91,14 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
     segs = _sequences(store, seq_frames)
     if not segs:
         raise ValueError(f"no training segment with audio is {seq_frames} frames long")
-    mels = np.concatenate([store.segments[i].mel for i in segs])
-    enc_cfg = config_from_dict(AudioEncoderConfig, {**model_cfg.get("audio_encoder", {}), "mel_mean": float(mels.mean()), "mel_std": float(mels.std())})
+    enc_spec = model_cfg.get("audio_encoder", {})
+    embeddings = None
+    if enc_spec.get("input_kind", "mel") == "speech_embedding":
+        embeddings = segment_embeddings(store, enc_spec.get("mel_after", 3))
+        mels = np.concatenate([embeddings[i] for i in segs])
+    else:
+        mels = np.concatenate([store.segments[i].mel for i in segs])
+    enc_cfg = config_from_dict(AudioEncoderConfig, {**enc_spec, "mel_mean": float(mels.mean()), "mel_std": float(mels.std())})
     idx = moving_indices()
     a2l_cfg = config_from_dict(A2LConfig, {**model_cfg.get("a2l", {}), "landmark_indices": [int(i) for i in idx], "feature_dim": enc_cfg.feature_dim})
     torch.manual_seed(tcfg.seed)
@@ -96,8 +113,10 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
         for _ in range(tcfg.batch_size):
             seg = segs[rng.choice(len(segs), p=p)]
             n = store.segments[seg].length
-            out.append(make_sample(store, seg, int(rng.integers(0, n - seq_frames + 1)), seq_frames, int(rng.integers(0, n)), enc_cfg, idx))
+            out.append(make_sample(store, seg, int(rng.integers(0, n - seq_frames + 1)), seq_frames, int(rng.integers(0, n)), enc_cfg, idx, embeddings))
         mel, lm, ref = (torch.from_numpy(np.stack(x)) for x in zip(*out))
+        if embeddings is not None:  # embeddings: no spectral augmentation, a little noise
+            return mel + 0.05 * enc_cfg.mel_std * torch.randn_like(mel), lm, ref
         return augment_mel(rng, mel, enc_cfg), lm, ref
 
     def loss_fn(m, batch):
@@ -125,12 +144,13 @@ def evaluate_a2l(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str],
         store = FrameStore(data_dirs, split="eval", with_patches=False)
     except ValueError:
         return {"segments": 0}
+    embeddings = segment_embeddings(store, enc.config.mel_after) if enc.config.input_kind == "speech_embedding" else None
     idx = np.asarray(a2l.config.landmark_indices)
     lips = np.isin(idx, index_sets()["lips"])
-    errs, base, opening_corr = [], [], []
+    errs, base, opening_corr, amp = [], [], [], []
     for seg in store.audio_segments():
         s = store.segments[seg]
-        mel, lm, ref = make_sample(store, seg, 0, s.length, 0, enc.config, idx)
+        mel, lm, ref = make_sample(store, seg, 0, s.length, 0, enc.config, idx, embeddings)
         pred = a2l(enc(torch.from_numpy(mel)[None]), torch.from_numpy(ref)[None])[0][0].numpy()  # (T, K, 2)
         scale = crop_px * 0.5  # patch units -> crop pixels (the patch is half the crop)
         errs.append(np.linalg.norm(pred[:, lips] - lm[:, lips], axis=-1).mean() * scale)
@@ -140,5 +160,7 @@ def evaluate_a2l(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str],
         go = lm[:, i14, 1] - lm[:, i13, 1]
         po = pred[:, i14, 1] - pred[:, i13, 1]
         opening_corr.append(float(np.corrcoef(go, po)[0, 1]) if go.std() > 0 and po.std() > 0 else 0.0)
+        amp.append(float(po.std() / max(go.std(), 1e-9)))
     return {"segments": len(errs), "lip_error_px_at_256": float(np.mean(errs)), "static_reference_lip_error_px_at_256": float(np.mean(base)),
-            "mouth_opening_correlation": float(np.mean(opening_corr)), "clips": sorted({store.segments[i].clip for i in store.audio_segments()})}
+            "mouth_opening_correlation": float(np.mean(opening_corr)), "mouth_opening_std_ratio": float(np.mean(amp)),
+            "audio_input": enc.config.input_kind, "clips": sorted({store.segments[i].clip for i in store.audio_segments()})}

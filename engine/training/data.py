@@ -25,6 +25,8 @@ class Segment:
     has_audio: bool
     mel: np.ndarray  # (T, 80) float32 log-mel (empty without audio)
     mel_index: np.ndarray  # (F,) row of ``mel`` centred on each frame
+    wave: np.ndarray  # (N,) 16 kHz audio, sample 0 at the segment's first frame (empty without audio)
+    time_s: np.ndarray  # (F,) frame times, seconds from the segment's first frame
 
 
 class FrameStore:
@@ -57,7 +59,9 @@ class FrameStore:
             has_audio = bool(meta["has_audio"]) and "mel" in z.files and len(z["mel"]) > 0
             self.segments.append(Segment(meta["segment"], meta["clip"], n, f, has_audio,
                                          z["mel"].astype(np.float32) if has_audio else np.zeros((0, 80), np.float32),
-                                         z["mel_index"].astype(np.int64) if has_audio else np.zeros(0, np.int64)))
+                                         z["mel_index"].astype(np.int64) if has_audio else np.zeros(0, np.int64),
+                                         z["audio"].astype(np.float32) if has_audio else np.zeros(0, np.float32),
+                                         (z["time_s"] - z["time_s"][0]).astype(np.float64)))
             n += f
             if max_segments is not None and len(self.segments) >= max_segments:
                 break
