@@ -45,9 +45,14 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    from engine.training.loop import TrainingInterrupted
     from engine.training.run import run_training
 
-    run_training(a.model, data=a.data, config=Path(a.config), out=Path(a.out))
+    try:
+        run_training(a.model, data=a.data, config=Path(a.config), out=Path(a.out))
+    except TrainingInterrupted as e:
+        print(f"avatar train: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

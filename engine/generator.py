@@ -13,6 +13,7 @@ from engine.avatar import Avatar
 from engine.bundle import Bundle
 from engine.face.paste import paste_back
 from engine.face.region import from_patch_units, patch_box, patch_mask, warp_indices
+from engine.models.denoiser import latent_mask
 from engine.models.warp import warp
 from engine.motion.blink import BlinkSampler, close_eyes
 from engine.sampling import ddim_sample
@@ -79,7 +80,7 @@ class FrameGenerator:
         px_mask = np.maximum(self.avatar_mask, patch_mask(from_patch_units(lm_all[0].numpy()) * s, s))  # (P, P)
         d = self.ae.config.downsample
         p = px_mask.shape[0]
-        m_lat = torch.from_numpy(px_mask.reshape(p // d, d, p // d, d).max(axis=(1, 3)) > 0.01).float()[None, None]
+        m_lat = latent_mask(torch.from_numpy(px_mask.reshape(p // d, d, p // d, d).max(axis=(1, 3)))[None, None], self.den.config.mask_dilate_cells)
         cond = {"masked": av.latent * (1 - m_lat), "mask": m_lat, "reference": warp(av.latent, self.ref_all[:, self.warp_idx], lm_all[:, self.warp_idx]),
                 "previous": self.previous if self.previous is not None else torch.zeros_like(av.latent),
                 "landmarks": lm_moving[None], "audio": audio}
@@ -92,7 +93,9 @@ class FrameGenerator:
         patch = ((self.ae.decode(x0)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (P, P, 3)
         x0p, y0p, side = patch_box(s)
         crop = av.crop.copy()
-        crop[y0p : y0p + side, x0p : x0p + side] = patch
+        region = crop[y0p : y0p + side, x0p : x0p + side].astype(np.float32)
+        a = px_mask[..., None]
+        crop[y0p : y0p + side, x0p : x0p + side] = np.round(a * patch + (1 - a) * region).astype(np.uint8)  # the patch only inside its mask
         mask = np.zeros((s, s), np.float32)
         mask[y0p : y0p + side, x0p : x0p + side] = px_mask
         closure = self.blinks.next() if self.blinks is not None else 0.0

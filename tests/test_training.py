@@ -10,7 +10,7 @@ import torch
 from engine.face.region import extract_patch
 from engine.models.autoencoder import AutoencoderKL
 from engine.training.autoencoder import to_tensor
-from engine.training.loop import TrainConfig, train
+from engine.training.loop import TrainConfig, TrainingInterrupted, train
 from tests.synth import load_rgb
 from tests.tiny import AE
 
@@ -35,7 +35,8 @@ def _toy_run(out, steps, seed=0, max_minutes=0.0):
 def test_resume_continues_exactly(tmp_path):
     full = _toy_run(tmp_path / "a", 6)
     for _ in range(3):  # interrupted three times (a wall-time limit stops it after one step, with a checkpoint) ...
-        _toy_run(tmp_path / "b", 6, max_minutes=1e-9)
+        with pytest.raises(TrainingInterrupted, match="run the same command again"):
+            _toy_run(tmp_path / "b", 6, max_minutes=1e-9)
     resumed = _toy_run(tmp_path / "b", 6)  # ... and run again to the end
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(p, q, atol=1e-7)

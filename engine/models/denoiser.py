@@ -35,10 +35,19 @@ class DenoiserConfig:
     audio_dim: int = 64  # D, audio feature size
     audio_tokens: int = 4  # A, audio frames given as context
     heads: int = 4  # attention heads
+    mask_dilate_cells: int = 1  # the binary latent mask is grown by this many cells (the encoder's receptive field leaks the mouth into its neighbours)
 
     @property
     def in_channels(self) -> int:
         return 4 * self.latent_channels + 1  # z, masked, reference, previous, mask
+
+
+def latent_mask(pooled: torch.Tensor, dilate_cells: int) -> torch.Tensor:
+    """The denoiser's binary mask (B, 1, s, s) from the pixel mask max-pooled to latent cells."""
+    m = (pooled > 0.01).float()
+    if dilate_cells > 0:
+        m = F.max_pool2d(m, 2 * dilate_cells + 1, stride=1, padding=dilate_cells)
+    return m
 
 
 class CrossAttention(nn.Module):

@@ -28,7 +28,7 @@ def ddim_sample(denoiser: Denoiser, z: torch.Tensor, cond: Any, *, steps: int, t
       1. v = D(z_t, t): the model's velocity prediction
       2. x = alpha_t z_t - sigma_t v: the predicted clean sample
       3. eps = sigma_t z_t + alpha_t v: the predicted noise
-      4. z_s = alpha_s x + sigma_s eps: the deterministic update (at s = 0, z_0 = x)
+      4. z_s = alpha_s x + sigma_s eps: the deterministic update; the last step returns x itself
     """
     times = ddim_times(steps, t_start=t_start)
     b = z.shape[0]
@@ -38,6 +38,8 @@ def ddim_sample(denoiser: Denoiser, z: torch.Tensor, cond: Any, *, steps: int, t
         v = denoiser(z, tt, cond)  # 1.
         alpha_t, sigma_t = alpha_sigma(tt)
         x = predict_x_from_v(z=z, v=v, alpha=alpha_t, sigma=sigma_t)  # 2.
+        if i == steps - 1:
+            return x
         eps = predict_eps_from_v(z=z, v=v, alpha=alpha_t, sigma=sigma_t)  # 3.
         alpha_s, sigma_s = alpha_sigma(s.expand(b).to(z.device))
         z = alpha_s.reshape(-1, *[1] * (z.ndim - 1)) * x + sigma_s.reshape(-1, *[1] * (z.ndim - 1)) * eps  # 4.

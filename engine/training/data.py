@@ -87,14 +87,23 @@ class FrameStore:
         return s.mel[np.clip(c, 0, len(s.mel) - 1)]
 
     def neighbour(self, rng: np.random.Generator, idx: np.ndarray, lo: int, hi: int, *, before_only: bool = False) -> np.ndarray:
-        """Global index of a frame ``lo..hi`` frames away from each ``idx`` in the same segment (clamped)."""
-        d = rng.integers(lo, hi + 1, size=len(idx))
-        if not before_only:
-            d = d * rng.choice([-1, 1], size=len(idx))
-        else:
-            d = -d
-        seg = self.segment_of[idx]
-        start = np.array([self.segments[s].start for s in seg])
-        length = np.array([self.segments[s].length for s in seg])
-        j = np.clip(self.index_in_segment[idx] + d, 0, length - 1)
-        return start + j
+        """Global index of a frame ``lo..hi`` frames away from each ``idx`` in the same segment.
+
+        Offsets are drawn only from those that stay inside the segment (no clamping, which would
+        pile samples on the segment's ends or on the frame itself). Where no offset is valid:
+        -1 with ``before_only`` (no previous frame), else the frame farthest away in the segment.
+        """
+        out = np.empty(len(idx), np.int64)
+        for k, g in enumerate(idx):
+            seg = self.segments[self.segment_of[g]]
+            j = int(self.index_in_segment[g])
+            d = np.arange(lo, hi + 1)
+            cand = j - d if before_only else np.concatenate([j - d, j + d])
+            cand = cand[(cand >= 0) & (cand < seg.length)]
+            if len(cand):
+                out[k] = seg.start + int(rng.choice(cand))
+            elif before_only:
+                out[k] = -1
+            else:
+                out[k] = seg.start + (0 if j >= seg.length - 1 - j else seg.length - 1)
+        return out

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from engine.face.region import moving_indices, patch_mask, to_patch_units, warp_indices
 from engine.models.audio_encoder import AudioEncoder, AudioEncoderConfig
 from engine.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from engine.models.denoiser import Denoiser, DenoiserConfig
+from engine.models.denoiser import Denoiser, DenoiserConfig, latent_mask
 from engine.models.io import config_from_dict, load_model, save_model
 from engine.models.warp import warp
 from engine.sampling import alpha_sigma, ddim_sample, predict_v
@@ -86,15 +86,16 @@ def build_batch(store: FrameStore, table: LatentTable, rng: np.random.Generator,
     mov = moving_indices()
     ref = store.neighbour(rng, idx, opts.get("ref_min", 8), opts.get("ref_max", 200))
     prev = store.neighbour(rng, idx, opts.get("prev_min", 2), opts.get("prev_max", 6), before_only=True)
+    has_prev = prev >= 0
+    prev = np.where(has_prev, prev, idx)
     x = torch.from_numpy(table.latents[idx])
-    m_lat = torch.from_numpy(np.maximum(table.masks[idx], table.masks[ref]))
-    m_bin = (m_lat > 0.01).float()
+    m_bin = latent_mask(torch.from_numpy(np.maximum(table.masks[idx], table.masks[ref])), dcfg.mask_dilate_cells)
     lm_all_t = torch.from_numpy(to_patch_units(store.landmarks[idx]))  # (B, 478, 2)
     wi = warp_indices()
     reference = warp(torch.from_numpy(table.latents[ref]), torch.from_numpy(to_patch_units(store.landmarks[ref][:, wi])), lm_all_t[:, wi])
     previous = torch.from_numpy(table.latents[prev])
     previous = previous + opts.get("prev_noise", 0.1) * torch.randn_like(previous)
-    keep = torch.from_numpy(rng.random(b) >= opts.get("p_no_previous", 0.3)).float()[:, None, None, None]
+    keep = torch.from_numpy((rng.random(b) >= opts.get("p_no_previous", 0.3)) & has_prev).float()[:, None, None, None]
     seg = store.segment_of[idx]
     starts = np.array([store.segments[s].start for s in seg])
     a_idx = np.maximum(idx[:, None] + np.arange(-dcfg.audio_tokens + 1, 1)[None, :], starts[:, None])  # (B, A)
@@ -133,7 +134,7 @@ def train_denoiser(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: Tr
         target = predict_v(x=bt["x"], eps=bt["eps"], alpha=alpha, sigma=sigma)
         w = 1.0 + mask_weight * bt["mask"]
         loss = (w * (v.float() - target) ** 2).mean() / (1.0 + mask_weight * bt["mask"].mean())
-        return loss, {"mse_in_mask": float((((v.detach().float() - target) ** 2) * bt["mask"]).sum() / bt["mask"].sum().clamp_min(1) / 4)}
+        return loss, {"mse_in_mask": float((((v.detach().float() - target) ** 2) * bt["mask"]).sum() / bt["mask"].sum().clamp_min(1) / v.shape[1])}
 
     trained = train(name="denoiser", model=model, make_batch=make_batch, loss_fn=loss_fn, cfg=tcfg, out_dir=out)
     save_model(trained, out / "denoiser")

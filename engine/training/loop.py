@@ -23,6 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 
+class TrainingInterrupted(Exception):
+    """The run stopped at its wall-time limit with a checkpoint; running it again resumes it."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000  # optimizer steps in total
@@ -98,7 +102,7 @@ def train(
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     model.to(device).train()
-    ema = copy.deepcopy(model).eval() if cfg.ema_decay > 0 else None
+    ema = None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -106,18 +110,24 @@ def train(
     ckpt = out / "checkpoint.pt"
     log_path = out / "log.jsonl"
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        if cfg.ema_decay > 0:
+            ema = copy.deepcopy(model).eval()
+            if state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
         step = int(state["step"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         print(f"[{name}] resumed from {ckpt} at step {step}")
+        # rows logged after the checkpoint (an interrupted run) are dropped: they will be logged again
+        rows = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step] if log_path.is_file() else []
+        log_path.write_text("".join(r + "\n" for r in rows))
     else:
         torch.manual_seed(cfg.seed)
         log_path.write_text("")
+        ema = copy.deepcopy(model).eval() if cfg.ema_decay > 0 else None
 
     def save() -> None:
         tmp = ckpt.with_suffix(".tmp")
@@ -161,10 +171,11 @@ def train(
             bar.set_postfix(loss=f"{row['loss']:.4g}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save()
-        if cfg.max_minutes and time.monotonic() - t0 > 60 * cfg.max_minutes:
+        if cfg.max_minutes and time.monotonic() - t0 > 60 * cfg.max_minutes and step < cfg.steps:
             save()
-            print(f"[{name}] stopped at step {step} after {cfg.max_minutes} min (resume by running again)")
-            break
+            bar.close()
+            raise TrainingInterrupted(f"[{name}] stopped at step {step} of {cfg.steps} after {cfg.max_minutes} min; "
+                                      f"checkpoint {ckpt}: run the same command again to resume (nothing was exported)")
     bar.close()
     result = ema if ema is not None else model
     result.eval()
