@@ -95,10 +95,18 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise BundleError(f"{mpath}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
+    for key in ("fps", "sample_rate_hz", "crop_size_px", "steps", "models", "files"):
+        if key not in manifest:
+            raise BundleError(f"{mpath}: no {key!r} entry")
+    listed = set(manifest["files"])
+    for stem in manifest["models"].values():
+        for ext in (".json", ".pt"):
+            if stem + ext not in listed:
+                raise BundleError(f"{d / (stem + ext)}: a model file the manifest does not list (and so cannot check)")
     if verify:
-        for name, digest in manifest.get("files", {}).items():
+        for name, digest in manifest["files"].items():
             f = d / name
             if not f.is_file():
                 raise BundleError(f"{f}: listed in the manifest but missing")
@@ -119,9 +127,30 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         cls, cfg_cls = kinds[role]
         try:
             bundle.models[role] = load_model(cls, cfg_cls, d / stem)
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
-            raise BundleError(f"{d / stem}: cannot load the {role} model: {e}") from None
+        except Exception as e:  # torch raises several kinds for a damaged file; name the file whatever it was
+            raise BundleError(f"{d / stem}: cannot load the {role} model: {type(e).__name__}: {e}") from None
     for role in REQUIRED:
         if role not in bundle.models:
             raise BundleError(f"{d}: the manifest names no {role} model")
+    _check_compatible(bundle)
     return bundle
+
+
+def _check_compatible(b: Bundle) -> None:
+    """The models of a bundle must fit together; say which fields disagree."""
+    from engine.face.region import patch_box
+
+    ae, enc, a2l, den = (b.models[r].config for r in REQUIRED)
+    problems = []
+    if enc.input_kind != "mel":
+        problems.append(f"audio_encoder input_kind {enc.input_kind!r} (the render path supports 'mel')")
+    if a2l.feature_dim != enc.feature_dim or den.audio_dim != enc.feature_dim:
+        problems.append(f"audio feature sizes differ: audio_encoder {enc.feature_dim}, a2l {a2l.feature_dim}, denoiser {den.audio_dim}")
+    if den.n_landmarks != a2l.n_landmarks:
+        problems.append(f"denoiser n_landmarks {den.n_landmarks} != a2l {a2l.n_landmarks}")
+    if den.latent_channels != ae.latent_channels or den.latent_size != ae.latent_size:
+        problems.append(f"denoiser latent {den.latent_channels}x{den.latent_size} != autoencoder {ae.latent_channels}x{ae.latent_size}")
+    if patch_box(b.crop_size_px)[2] != ae.image_size_px:
+        problems.append(f"autoencoder image size {ae.image_size_px} != the patch of a {b.crop_size_px} px crop")
+    if problems:
+        raise BundleError(f"{b.path}: models do not fit together: " + "; ".join(problems))

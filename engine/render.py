@@ -11,6 +11,7 @@ from tqdm import tqdm
 from engine.audio import decode_audio
 from engine.avatar import load_portrait, prepare_avatar
 from engine.bundle import Bundle, load_bundle
+from engine.errors import AvatarInputError
 from engine.generator import FrameGenerator
 from engine.media.mp4 import Mp4Writer
 
@@ -22,12 +23,17 @@ def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: 
     """Render ``out`` and return timings: frames, seconds of audio, wall time per stage."""
     if threads:
         torch.set_num_threads(threads)
+    out = Path(out)
+    if out.is_dir():
+        raise AvatarInputError(f"{out}: is a folder; give the output file's name, e.g. {out / 'out.mp4'}")
+    if seed < 0:
+        raise AvatarInputError(f"--seed must be >= 0, got {seed}")
     t0 = time.perf_counter()
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     wave = decode_audio(audio, sample_rate_hz=16000)
     mux = decode_audio(audio, sample_rate_hz=MUX_RATE_HZ)
     duration_s = len(wave) / 16000.0
-    n_frames = max(1, int(round(duration_s * b.fps)))
+    n_frames = max(1, int(np.ceil(duration_s * b.fps - 1e-6)))  # the last partial frame keeps the speech's tail
     image = load_portrait(portrait)
     av_ = prepare_avatar(image, b.autoencoder, crop_size_px=b.crop_size_px)
     t_prep = time.perf_counter()

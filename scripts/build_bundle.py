@@ -21,6 +21,8 @@ FILES = {"autoencoder": ["autoencoder"], "a2l": ["audio_encoder", "a2l"], "denoi
 
 
 def _run_info(run: Path) -> dict:
+    if not run.is_dir():
+        return {"steps": None, "train_minutes_last_session": 0.0, "final_loss": None, "config": None}
     rows = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()] if (run / "log.jsonl").is_file() else []
     last = rows[-1] if rows else {}
     info = {"steps": last.get("step"), "train_minutes_last_session": round(last.get("elapsed_s", 0) / 60, 1),
@@ -38,10 +40,15 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=["out/full", "out/grid", "out/motion"], help="the prepared folders trained on (recorded)")
     ap.add_argument("--notes", default="", help="a line for the data card")
     a = ap.parse_args()
-    runs, out = Path(a.runs), Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in out.iterdir():
-        f.unlink()
+    runs, final = Path(a.runs), Path(a.out)
+    for name in ("autoencoder", "a2l", "denoiser"):
+        info = _run_info(runs / name)
+        wanted = (info.get("config") or {}).get("train", {}).get("steps")
+        if not (runs / name).is_dir() or info["steps"] is None or (wanted and info["steps"] < wanted):
+            raise SystemExit(f"{runs / name}: not a finished run (step {info['steps']} of {wanted}); the bundle is left as it was")
+    out = final.with_name(final.name + ".building")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     card = {"recipe": "scripts/train_default_bundle.sh", "trained_on": a.data, "held_out_clips": sorted(eval_clips()), "models": {}}
     docs = Path("docs/training")
     docs.mkdir(parents=True, exist_ok=True)
@@ -65,7 +72,7 @@ def main() -> None:
     for d in a.data:
         if Path(d, "shards").is_dir():
             st = FrameStore([d], split="train", with_patches=False)
-            segs += [(st.landmarks[g.start : g.start + g.length], 25.0) for g in st.segments]
+            segs += [(st.landmarks[g.start : g.start + g.length], (g.length - 1) / max(g.time_s[-1], 1e-6)) for g in st.segments if g.length > 1]
     prior = fit_blink_prior(segs)
     prior.save(out / "motion_prior.json")
     card["blink_prior"] = dataclasses.asdict(prior)
@@ -77,12 +84,18 @@ def main() -> None:
     for name, info in card["models"].items():
         ho = info.get("held_out", {})
         ho_s = ", ".join(f"{k} {v:.3g}" for k, v in ho.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        lines.append(f"| {name} | {info['steps']} | {info['train_minutes_last_session']} | {info['final_loss']:.4g} | {ho_s} |")
+        loss = f"{info['final_loss']:.4g}" if info["final_loss"] is not None else "-"
+        lines.append(f"| {name} | {info['steps']} | {info['train_minutes_last_session']} | {loss} | {ho_s} |")
     lines += ["", "Configs: configs/cpu_small/*.json (copied into data_card.json). Loss curves: docs/training/."]
     (out / "data_card.md").write_text("\n".join(lines) + "\n")
     m = write_manifest(out, fps=25, sample_rate_hz=16000, crop_size_px=256, steps=a.steps, extra={"data_card": "data_card.md"})
+    from engine.bundle import load_bundle
+
+    load_bundle(out)  # hashes and model compatibility, before it replaces anything
     size = sum((out / f).stat().st_size for f in m["files"])
-    print(f"wrote {out}: {len(m['files'])} files, {size / 2**20:.1f} MiB")
+    shutil.rmtree(final, ignore_errors=True)
+    out.rename(final)
+    print(f"wrote {final}: {len(m['files'])} files, {size / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

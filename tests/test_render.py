@@ -97,3 +97,25 @@ def test_render_bad_inputs_give_clear_errors(shared_data, tmp_path, capsys):
     assert "not a readable image" in capsys.readouterr().err
     assert main(["render", "--portrait", str(shared_data / PORTRAIT), "--audio", str(junk), "-o", str(tmp_path / "x.mp4"), "--bundle", str(d), "--quiet"]) == 2
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_bundle_refuses_models_that_do_not_fit_together(tmp_path):
+    import dataclasses
+
+    from engine.bundle import write_manifest
+    from engine.models.denoiser import Denoiser
+    from engine.models.io import save_model
+    from tests.tiny import DEN
+
+    d = tiny_bundle(tmp_path / "b")
+    save_model(Denoiser(dataclasses.replace(DEN, n_landmarks=12)), d / "denoiser")
+    write_manifest(d, fps=25, sample_rate_hz=16000, crop_size_px=256, steps=2)
+    with pytest.raises(BundleError, match="do not fit together: denoiser n_landmarks 12 != a2l 57"):
+        load_bundle(d)
+
+
+def test_render_to_a_folder_is_refused(shared_data, tmp_path, capsys):
+    d = tiny_bundle(tmp_path / "b")
+    rc = main(["render", "--portrait", str(shared_data / PORTRAIT), "--audio", str(_wav(tmp_path / "a.wav", 0.2)), "-o", str(tmp_path),
+               "--bundle", str(d), "--quiet"])
+    assert rc == 2 and "is a folder" in capsys.readouterr().err

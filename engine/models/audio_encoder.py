@@ -40,6 +40,8 @@ class AudioEncoderConfig:
 class AudioEncoder(nn.Module):
     def __init__(self, config: AudioEncoderConfig):
         super().__init__()
+        if config.filter_context_frames < 0 or config.filter_lookahead_frames < 0 or config.mel_before < 0 or config.mel_after < 0:
+            raise ValueError("context and lookahead sizes must be >= 0")
         if config.filter_lookahead_frames > 2:
             raise ValueError("filter_lookahead_frames must be at most 2 (it adds latency)")
         if config.input_kind not in ("mel", "speech_embedding"):
