@@ -119,3 +119,31 @@ def test_render_to_a_folder_is_refused(shared_data, tmp_path, capsys):
     rc = main(["render", "--portrait", str(shared_data / PORTRAIT), "--audio", str(_wav(tmp_path / "a.wav", 0.2)), "-o", str(tmp_path),
                "--bundle", str(d), "--quiet"])
     assert rc == 2 and "is a folder" in capsys.readouterr().err
+
+
+def test_main_job_renders_the_demo_with_the_default_bundle(tmp_path):
+    """The README's main job, cut to one second of the demo voice: the shipped portrait, voice and bundle."""
+    from engine.bundle import DEFAULT_BUNDLE
+    from engine.cli import DEMO
+    from engine.audio import decode_audio
+
+    if not (DEFAULT_BUNDLE / "manifest.json").is_file():
+        pytest.skip("no default bundle in this checkout yet")
+    wav = tmp_path / "one_second.wav"
+    x = decode_audio(DEMO / "demo_voice.wav")[:16000]
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((x * 32767).astype(np.int16).tobytes())
+    out = tmp_path / "demo.mp4"
+    assert main(["render", "--audio", str(wav), "-o", str(out), "--quiet", "--threads", "2"]) == 0
+    with av.open(str(out)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 25
+    portrait = __import__("engine.avatar", fromlist=["load_portrait"]).load_portrait(DEMO / "astronaut.jpg")
+    assert frames[0].shape == portrait.shape
+    moving = np.abs(frames[5].astype(int) - frames[15].astype(int)).sum(-1) > 30
+    assert moving.any()  # the mouth region changes with speech ...
+    ys, xs = np.nonzero(moving)
+    assert ys.min() > portrait.shape[0] * 0.1 and ys.max() < portrait.shape[0] * 0.6  # ... and only around the face

@@ -80,7 +80,13 @@ def evaluate_autoencoder(model: AutoencoderKL, data_dirs: list[str], *, max_fram
     except ValueError:  # no held-out clip among these shards
         return {"frames": 0}
     idx = np.linspace(0, len(store) - 1, min(max_frames, len(store))).astype(int)
-    ps, pm, ss = [], [], []
+    try:
+        from engine.eval.lpips import LPIPS
+
+        lp = LPIPS()
+    except ImportError:
+        lp = None
+    ps, pm, ss, ls = [], [], [], []
     for i in range(0, len(idx), 32):
         j = idx[i:i + 32]
         x = to_tensor(store.patches[j])
@@ -89,5 +95,11 @@ def evaluate_autoencoder(model: AutoencoderKL, data_dirs: list[str], *, max_fram
         ps.append(psnr(y, x))
         pm.append(psnr(y, x, weight=w))
         ss.append(ssim(y, x))
-    return {"frames": int(len(idx)), "psnr_db": float(torch.cat(ps).mean()), "psnr_lower_face_db": float(torch.cat(pm).mean()),
-            "ssim": float(torch.cat(ss).mean())}
+        if lp is not None:
+            ls.append(lp(y, x))
+    out = {"frames": int(len(idx)), "psnr_db": float(torch.cat(ps).mean()), "psnr_lower_face_db": float(torch.cat(pm).mean()),
+           "ssim": float(torch.cat(ss).mean())}
+    if lp is not None:
+        out["lpips"] = float(torch.cat(ls).mean())
+        out["lpips_variant"] = lp.name
+    return out
