@@ -80,6 +80,19 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(a: argparse.Namespace) -> int:
+    from export.onnx import export_bundle
+
+    from engine.bundle import DEFAULT_BUNDLE
+
+    rep = export_bundle(a.bundle or DEFAULT_BUNDLE, a.out)
+    for name, m in rep["models"].items():
+        err = ", ".join(f"{k} {v:.1e}" for k, v in m["max_abs_error"].items())
+        print(f"{name}: {m['bytes'] / 2**20:.2f} MiB, max-abs error vs PyTorch {err}")
+    print(f"ONNX files and export_report.json in {a.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="avatar", description="Real-time talking-head avatar engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -123,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="export a bundle's models to ONNX, each checked against PyTorch (names, shapes, max-abs error)")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    p.add_argument("--out", required=True, help="output folder for <graph>.onnx and export_report.json")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("train", help="train one model from prepared shards (resumes from OUT/checkpoint.pt)")
     p.add_argument("model", choices=("autoencoder", "a2l", "denoiser", "sync"), help="which model")
