@@ -10,7 +10,8 @@ Each failure has its own class (all derive from :class:`ExportError`) and names 
 """
 from __future__ import annotations
 
-import hashlib
+from engine.bundle import sha256_file
+
 import inspect
 import json
 import os
@@ -71,14 +72,6 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 def _outputs(y: Any) -> tuple[torch.Tensor, ...]:
     return tuple(y) if isinstance(y, (tuple, list)) else (y,)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def ort_session(path: str | Path, *, threads: int = 1):
