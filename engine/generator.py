@@ -12,7 +12,7 @@ from engine.audio import frame_times_constant, log_mel, mel_windows_for_frames
 from engine.avatar import Avatar
 from engine.bundle import Bundle
 from engine.face.paste import paste_back
-from engine.face.region import from_patch_units, patch_box, patch_mask, warp_indices
+from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, warp_indices
 from engine.models.denoiser import latent_mask
 from engine.models.warp import warp
 from engine.motion.blink import BlinkSampler, close_eyes
@@ -35,6 +35,7 @@ class FrameGenerator:
         self.noise = torch.randn(avatar.latent.shape, generator=g)  # one noise for every frame: temporally stable
         self.warp_idx = warp_indices()
         self.avatar_mask = avatar.mask()  # (P, P)
+        self.avatar_patch = extract_patch(avatar.crop).astype(np.float32)  # (P, P, 3)
         self.blinks = BlinkSampler(bundle.blink_prior, bundle.fps, seed) if blinks else None
         self.previous: torch.Tensor | None = None
         self.a2l_state: torch.Tensor | None = None
@@ -89,8 +90,10 @@ class FrameGenerator:
             return self.den(z, t, c["masked"], c["mask"], c["reference"], c["previous"], c["landmarks"], c["audio"])
 
         x0 = cond["reference"] if warp_only else ddim_sample(denoise, self.noise, cond, steps=self.steps)
-        self.previous = m_lat * x0 + (1 - m_lat) * av.latent
-        patch = ((self.ae.decode(x0)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # (P, P, 3)
+        x0 = m_lat * x0 + (1 - m_lat) * av.latent  # repaint only the mask: the rest is the portrait's own latent
+        self.previous = x0
+        patch = (self.ae.decode(x0)[0].clamp(-1, 1) + 1) * 127.5  # (3, P, P) float
+        patch = self._match_colour(patch.permute(1, 2, 0).numpy(), px_mask)
         x0p, y0p, side = patch_box(s)
         crop = av.crop.copy()
         region = crop[y0p : y0p + side, x0p : x0p + side].astype(np.float32)
@@ -103,6 +106,21 @@ class FrameGenerator:
             crop, eye_mask = close_eyes(crop, av.landmarks * s, closure)
             mask = np.maximum(mask, eye_mask)
         return paste_back(av.image, crop, av.affine, mask)
+
+    def _match_colour(self, patch: np.ndarray, px_mask: np.ndarray) -> np.ndarray:
+        """Shift the generated patch's colour to the portrait's, measured on the mask's feathered rim.
+
+        The denoiser's output drifts towards the colours of its training faces; on the rim (mask
+        weight 0.05-0.6, upper half of the patch: cheeks and nose, not the jaw line with what lies
+        below it) the generated and the portrait's pixels show the same skin, so their median
+        difference per channel is the drift. It is removed inside the mask.
+        """
+        ref = self.avatar_patch
+        rim = (px_mask > 0.05) & (px_mask < 0.6)
+        rim[px_mask.shape[0] // 2 :] = False
+        if rim.sum() >= 32:
+            patch = patch - np.median(patch[rim] - ref[rim], axis=0)[None, None, :]
+        return np.clip(np.round(patch), 0, 255).astype(np.uint8)
 
     def reset(self) -> None:
         """Forget the previous output and the A2L state (a new utterance, or re-anchoring)."""
