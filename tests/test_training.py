@@ -76,3 +76,27 @@ def test_autoencoder_overfits_real_face_patches(shared_data, tmp_path):
     with torch.no_grad():
         after = loss_fn(trained, x)[0].item()
     assert after < 0.6 * before
+
+
+def test_batches_move_to_the_training_device():
+    from engine.training.loop import to_device
+
+    from engine.training.sync import SyncBatch
+
+    b = {"x": torch.zeros(2), "pair": (torch.ones(1), [torch.ones(1)]), "n": 3, "sync": SyncBatch(torch.zeros(1), torch.ones(1))}
+    out = to_device(b, torch.device("cpu"))
+    assert isinstance(out["sync"], SyncBatch) and torch.equal(out["sync"].mel, torch.ones(1))
+    assert out["n"] == 3 and isinstance(out["pair"], tuple) and isinstance(out["pair"][1], list)
+    assert out["x"].device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_toy_run_on_cuda(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    cfg = TrainConfig(steps=3, batch_size=4, threads=1, device="cuda", checkpoint_every=2, log_every=1)
+    trained = train(name="cuda", model=model, make_batch=lambda rng: torch.from_numpy(rng.standard_normal((4, 4)).astype(np.float32)),
+                    loss_fn=lambda m, b: (m(b).square().mean(), {}), cfg=cfg, out_dir=tmp_path)
+    assert next(trained.parameters()).device.type == "cuda"

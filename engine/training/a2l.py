@@ -122,10 +122,11 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
     def loss_fn(m, batch):
         mel, lm, ref = batch
         pred = m(mel, ref)  # (B, T, K, 2)
-        pos = ((pred - lm).abs() * w).mean()
-        vel = (((pred[:, 1:] - pred[:, :-1]) - (lm[:, 1:] - lm[:, :-1])).abs() * w).mean()
+        w_ = w.to(pred.device)
+        pos = ((pred - lm).abs() * w_).mean()
+        vel = (((pred[:, 1:] - pred[:, :-1]) - (lm[:, 1:] - lm[:, :-1])).abs() * w_).mean()
         cp, cl = pred - pred.mean(dim=2, keepdim=True), lm - lm.mean(dim=2, keepdim=True)  # shape without position
-        shape = ((cp - cl).abs() * w).mean()
+        shape = ((cp - cl).abs() * w_).mean()
         loss = 100.0 * (pos + velocity_weight * vel + shape_weight * shape)
         return loss, {"pos_l1_patch_pct": 100.0 * pos.item(), "vel_l1_patch_pct": 100.0 * vel.item(), "shape_l1_patch_pct": 100.0 * shape.item()}
 

@@ -60,6 +60,21 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a batch (tensors, tuples, lists, dicts of them) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)})
+    return batch
+
+
 def plot_curves(log_path: Path, png_path: Path, title: str) -> None:
     import matplotlib
 
@@ -120,6 +135,8 @@ def train(
         step = int(state["step"])
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         print(f"[{name}] resumed from {ckpt} at step {step}")
         # rows logged after the checkpoint (an interrupted run) are dropped: they will be logged again
         rows = [l for l in log_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step] if log_path.is_file() else []
@@ -133,6 +150,7 @@ def train(
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                     "step": step, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                     "config": dataclasses.asdict(cfg), **(extra_state or {})}, tmp)
         tmp.replace(ckpt)
         plot_curves(log_path, out / "loss.png", name)
@@ -143,7 +161,7 @@ def train(
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        batch = make_batch(rng)
+        batch = to_device(make_batch(rng), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             loss, metrics = loss_fn(model, batch)
         if not torch.isfinite(loss):
