@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.audio import frame_times_constant, log_mel, mel_windows_for_frames
+from engine.audio import frame_times_constant, log_mel, mel_index_for_time
 from engine.avatar import Avatar
 from engine.bundle import Bundle
 from engine.face.paste import paste_back
-from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, warp_indices
+from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, pool_mask, warp_indices
 from engine.models.denoiser import latent_mask
 from engine.models.warp import warp
 from engine.motion.blink import BlinkSampler, close_eyes
@@ -45,9 +45,7 @@ class FrameGenerator:
     def audio_features(self, wave_16k: np.ndarray, n_frames: int) -> torch.Tensor:
         """(n_frames, D) smoothed audio features for frames at the bundle's fps."""
         mel = log_mel(wave_16k)  # (T, 80)
-        times = frame_times_constant(n_frames, self.bundle.fps)
-        win = mel_windows_for_frames(times, len(mel), before=self.enc.config.mel_before, after=self.enc.config.mel_after)
-        return self.enc(torch.from_numpy(mel[win])[None])[0]  # (F, D)
+        return self.audio_features_from_mel(mel, mel_index_for_time(frame_times_constant(n_frames, self.bundle.fps)))
 
     @torch.no_grad()
     def audio_features_from_mel(self, mel: np.ndarray, mel_index: np.ndarray) -> torch.Tensor:
@@ -79,9 +77,7 @@ class FrameGenerator:
         lm_all = self.ref_all.clone()
         lm_all[:, self.moving] = lm_moving[None]
         px_mask = np.maximum(self.avatar_mask, patch_mask(from_patch_units(lm_all[0].numpy()) * s, s))  # (P, P)
-        d = self.ae.config.downsample
-        p = px_mask.shape[0]
-        m_lat = latent_mask(torch.from_numpy(px_mask.reshape(p // d, d, p // d, d).max(axis=(1, 3)))[None, None], self.den.config.mask_dilate_cells)
+        m_lat = latent_mask(torch.from_numpy(pool_mask(px_mask, self.ae.config.downsample))[None, None], self.den.config.mask_dilate_cells)
         cond = {"masked": av.latent * (1 - m_lat), "mask": m_lat, "reference": warp(av.latent, self.ref_all[:, self.warp_idx], lm_all[:, self.warp_idx]),
                 "previous": self.previous if self.previous is not None else torch.zeros_like(av.latent),
                 "landmarks": lm_moving[None], "audio": audio}
@@ -96,9 +92,8 @@ class FrameGenerator:
         patch = self._match_colour(patch.permute(1, 2, 0).numpy(), px_mask)
         x0p, y0p, side = patch_box(s)
         crop = av.crop.copy()
-        region = crop[y0p : y0p + side, x0p : x0p + side].astype(np.float32)
-        a = px_mask[..., None]
-        crop[y0p : y0p + side, x0p : x0p + side] = np.round(a * patch + (1 - a) * region).astype(np.uint8)  # the patch only inside its mask
+        region = crop[y0p : y0p + side, x0p : x0p + side]
+        region[px_mask > 0] = patch[px_mask > 0]  # generated pixels only where the mask is; paste_back does the blending
         mask = np.zeros((s, s), np.float32)
         mask[y0p : y0p + side, x0p : x0p + side] = px_mask
         closure = self.blinks.next() if self.blinks is not None else 0.0

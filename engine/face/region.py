@@ -79,3 +79,9 @@ def warp_indices(margin: float = 0.15) -> np.ndarray:
     p = to_patch_units(template()[:, :2].astype(np.float32))
     inside = np.all((p >= -margin) & (p <= 1 + margin), axis=1)
     return np.unique(np.concatenate([np.nonzero(inside)[0], moving_indices()]))
+
+
+def pool_mask(px_mask: np.ndarray, factor: int) -> np.ndarray:
+    """(P, P) pixel mask -> (P / factor, P / factor): the max over each cell (a cell counts if any pixel does)."""
+    p = px_mask.shape[0]
+    return px_mask.reshape(p // factor, factor, p // factor, factor).max(axis=(1, 3))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.face.region import moving_indices, patch_mask, to_patch_units, warp_indices
+from engine.face.region import moving_indices, patch_mask, pool_mask, to_patch_units, warp_indices
 from engine.models.audio_encoder import AudioEncoder, AudioEncoderConfig
 from engine.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from engine.models.denoiser import Denoiser, DenoiserConfig, latent_mask
@@ -70,7 +70,7 @@ class LatentTable:
                 audio[sl] = enc(torch.from_numpy(mel)[None])[0].numpy()
                 for k in range(s.start, s.start + s.length):
                     m = patch_mask(store.landmarks[k] * store.crop_size_px, store.crop_size_px)
-                    mask[k, 0] = m.reshape(m.shape[0] // d, d, m.shape[1] // d, d).max(axis=(1, 3))
+                    mask[k, 0] = pool_mask(m, d)
                 usable[sl] = True
         self.latents, self.masks, self.audio, self.usable = lat, mask, audio, usable
         if cache is not None:
