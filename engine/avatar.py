@@ -54,14 +54,18 @@ class Avatar:
         return patch_mask(self.landmarks * self.crop_size_px, self.crop_size_px)
 
 
-@torch.no_grad()
-def prepare_avatar(image: np.ndarray, autoencoder, *, crop_size_px: int = 256, opts: FaceOptions = FaceOptions(), what: str = "portrait") -> Avatar:
-    """Find the face (raises NoFaceError, MultipleFacesError, FaceTooSmallError...), align, encode."""
+def encode_patch(runtime, patch: np.ndarray) -> torch.Tensor:
+    """(P, P, 3) uint8 mouth-region patch -> its latent (1, C, s, s), by the runtime's encoder graph."""
+    x = np.ascontiguousarray(patch, dtype=np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0  # (1, 3, P, P) in [-1, 1]
+    return torch.from_numpy(runtime["encoder"].infer({"image": x.astype(np.float32)})["z"])
+
+
+def prepare_avatar(image: np.ndarray, runtime, *, crop_size_px: int = 256, opts: FaceOptions = FaceOptions(), what: str = "portrait") -> Avatar:
+    """Find the face (raises NoFaceError, MultipleFacesError, FaceTooSmallError...), align, encode
+    (``runtime``: an ``engine.runtime.Runtime``)."""
     lm, notes = landmarks_for_image(image, opts, what=what)
     cfg = AlignConfig(crop_size_px=crop_size_px, stabilise_sigma_frames=0.0)
     m = fit_transform(lm, cfg)
     crop = warp_to_crop(image, m, cfg)
     lm_crop = (lm[:, :2] @ m[:, :2].T + m[:, 2]) / crop_size_px
-    patch = extract_patch(crop)
-    x = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-    return Avatar(image, m, crop, lm_crop.astype(np.float32), autoencoder.encode(x), notes)
+    return Avatar(image, m, crop, lm_crop.astype(np.float32), encode_patch(runtime, extract_patch(crop)), notes)

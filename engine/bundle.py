@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -34,10 +35,10 @@ def write_manifest(bundle_dir: str | Path, *, fps: int, sample_rate_hz: int, cro
     import torch
 
     d = Path(bundle_dir)
-    models = {r: r for r in ROLES if (d / f"{r}.json").is_file() and (d / f"{r}.pt").is_file()}
+    models = {r: r for r in ROLES if (d / f"{r}.json").is_file() and ((d / f"{r}.pt").is_file() or (extra or {}).get("graphs"))}
     missing = [r for r in REQUIRED if r not in models]
     if missing:
-        raise BundleError(f"{d}: missing model files for {missing} (need <role>.json and <role>.pt)")
+        raise BundleError(f"{d}: missing model files for {missing} (need <role>.json and <role>.pt, or exported graphs)")
     files = sorted(p.name for p in d.iterdir() if p.is_file() and p.name != "manifest.json")
     manifest = {"format": FORMAT, "fps": fps, "sample_rate_hz": sample_rate_hz, "crop_size_px": crop_size_px, "steps": steps,
                 "models": models, "torch_version": torch.__version__, **(extra or {}),
@@ -50,7 +51,13 @@ def write_manifest(bundle_dir: str | Path, *, fps: int, sample_rate_hz: int, cro
 class Bundle:
     path: Path
     manifest: dict
-    models: dict[str, nn.Module] = field(default_factory=dict)
+    models: dict[str, nn.Module] = field(default_factory=dict)  # role -> PyTorch model (where the bundle has its .pt)
+    configs: dict[str, Any] = field(default_factory=dict)  # role -> architecture config (always)
+
+    @property
+    def graphs(self) -> dict[str, str]:
+        """Exported graph name -> ONNX file name (``avatar export`` writes them; empty for a PyTorch-only bundle)."""
+        return dict(self.manifest.get("graphs", {}))
 
     @property
     def fps(self) -> int:
@@ -102,9 +109,8 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
             raise BundleError(f"{mpath}: no {key!r} entry")
     listed = set(manifest["files"])
     for stem in manifest["models"].values():
-        for ext in (".json", ".pt"):
-            if stem + ext not in listed:
-                raise BundleError(f"{d / (stem + ext)}: a model file the manifest does not list (and so cannot check)")
+        if stem + ".json" not in listed:
+            raise BundleError(f"{d / (stem + '.json')}: a model file the manifest does not list (and so cannot check)")
     if verify:
         for name, digest in manifest["files"].items():
             f = d / name
@@ -120,18 +126,25 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         kinds["sync"] = (SyncExpert, SyncConfig)
     except ImportError:
         pass
+    from engine.models.io import load_config
+
     bundle = Bundle(d, manifest)
     for role, stem in manifest.get("models", {}).items():
         if role not in kinds:
             continue
         cls, cfg_cls = kinds[role]
         try:
-            bundle.models[role] = load_model(cls, cfg_cls, d / stem)
+            bundle.configs[role] = load_config(cfg_cls, d / stem)
+            if (d / (stem + ".pt")).is_file():  # an exported bundle may carry ONNX graphs only
+                bundle.models[role] = load_model(cls, cfg_cls, d / stem)
         except Exception as e:  # torch raises several kinds for a damaged file; name the file whatever it was
             raise BundleError(f"{d / stem}: cannot load the {role} model: {type(e).__name__}: {e}") from None
     for role in REQUIRED:
-        if role not in bundle.models:
+        if role not in bundle.configs:
             raise BundleError(f"{d}: the manifest names no {role} model")
+    for name, fname in bundle.graphs.items():
+        if fname not in listed:
+            raise BundleError(f"{d / fname}: a graph file the manifest does not list (and so cannot check)")
     _check_compatible(bundle)
     return bundle
 
@@ -140,7 +153,7 @@ def _check_compatible(b: Bundle) -> None:
     """The models of a bundle must fit together; say which fields disagree."""
     from engine.face.region import patch_box
 
-    ae, enc, a2l, den = (b.models[r].config for r in REQUIRED)
+    ae, enc, a2l, den = (b.configs[r] for r in REQUIRED)
     problems = []
     if enc.input_kind != "mel":
         problems.append(f"audio_encoder input_kind {enc.input_kind!r} (the render path supports 'mel')")

@@ -59,11 +59,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_render(a: argparse.Namespace) -> int:
     from engine.render import render
 
-    info = render(a.portrait, a.audio, a.out, bundle=a.bundle, steps=a.steps, seed=a.seed, blinks=not a.no_blinks, threads=a.threads, progress=not a.quiet)
+    info = render(a.portrait, a.audio, a.out, bundle=a.bundle, steps=a.steps, seed=a.seed, blinks=not a.no_blinks, threads=a.threads,
+                  progress=not a.quiet, backend=a.backend)
     for n in info["notes"]:
         print(f"note: {n}")
     print(f"wrote {info['out']}: {info['frames']} frames at {info['fps']} fps ({info['audio_s']} s of audio), "
-          f"{info['steps']} denoising steps, {info['frames_per_s']} frames/s, {info['seconds']['total']} s in all")
+          f"{info['steps']} denoising steps on {info['backend']}, {info['frames_per_s']} frames/s, {info['seconds']['total']} s in all")
     return 0
 
 
@@ -75,7 +76,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    rep = evaluate_selfrecon(load_bundle(a.bundle), a.data, a.out, max_frames=a.max_frames, steps=a.steps, seed=a.seed)
+    rep = evaluate_selfrecon(load_bundle(a.bundle), a.data, a.out, max_frames=a.max_frames, steps=a.steps, seed=a.seed,
+                             backend=a.backend, threads=a.threads)
     print((Path(a.out) / "report.md").read_text())
     return 0
 
@@ -89,8 +91,18 @@ def _cmd_export(a: argparse.Namespace) -> int:
     for name, m in rep["models"].items():
         err = ", ".join(f"{k} {v:.1e}" for k, v in m["max_abs_error"].items())
         print(f"{name}: {m['bytes'] / 2**20:.2f} MiB, max-abs error vs PyTorch {err}")
-    print(f"ONNX files and export_report.json in {a.out}")
+    e2e = rep.get("end_to_end")
+    if e2e:
+        print(f"end to end on the demo ({e2e['frames']} frames): PyTorch vs ONNX Runtime max pixel difference {e2e['max_abs_pixel_diff']} "
+              f"(mean {e2e['mean_abs_pixel_diff']})")
+    print(f"wrote the bundle {a.out} (ONNX graphs, export_report.json, manifest.json); run it with `avatar render --bundle {a.out}`")
     return 0
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
+                   help="what runs the models (default auto: ONNX Runtime when the bundle has exported graphs, else PyTorch)")
+    p.add_argument("--threads", type=int, help="inference threads (default: the cores this process may use)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     p.add_argument("--seed", type=int, default=0, help="noise and blink seed (renders are deterministic given it)")
     p.add_argument("--no-blinks", action="store_true", help="keep the eyes as in the portrait")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    _runtime_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_render)
 
@@ -134,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=100, help="frames evaluated per held-out segment")
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int)
+    _runtime_args(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="export a bundle's models to ONNX, each checked against PyTorch (names, shapes, max-abs error)")
     p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
-    p.add_argument("--out", required=True, help="output folder for <graph>.onnx and export_report.json")
+    p.add_argument("--out", required=True, help="output bundle folder: the source bundle's files, <graph>.onnx, export_report.json, a new manifest")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("train", help="train one model from prepared shards (resumes from OUT/checkpoint.pt)")

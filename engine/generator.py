@@ -1,7 +1,8 @@
 """Per-frame generation from a bundle and an avatar: audio features, A2L landmarks, conditional
 denoising of the mouth-region latent (conditioned on the previous output), decoding and
-compositing into the portrait. The offline render and (later) the live pipeline call these
-stages; nothing here knows about files, clocks or transports.
+compositing into the portrait. The offline render and the live pipeline call these stages;
+nothing here knows about files, clocks or transports, nor which backend runs the graphs (it
+calls ``engine.runtime`` graphs with numpy arrays).
 """
 from __future__ import annotations
 
@@ -10,25 +11,27 @@ import torch
 
 from engine.audio import frame_times_constant, log_mel, mel_index_for_time
 from engine.avatar import Avatar
-from engine.bundle import Bundle
 from engine.face.paste import paste_back
 from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, pool_mask, warp_indices
 from engine.models.denoiser import latent_mask
-from engine.models.warp import warp
 from engine.motion.blink import BlinkSampler, close_eyes
+from engine.runtime import Runtime
 from engine.sampling import ddim_sample
 
 
 class FrameGenerator:
     """Generates the avatar's frames for audio features, one frame at a time (keeps the previous output)."""
 
-    def __init__(self, bundle: Bundle, avatar: Avatar, *, steps: int | None = None, seed: int = 0, blinks: bool = True):
-        self.bundle, self.avatar = bundle, avatar
-        self.ae, self.enc, self.a2l, self.den = bundle.autoencoder, bundle.audio_encoder, bundle.a2l, bundle.denoiser
+    def __init__(self, runtime: Runtime, avatar: Avatar, *, steps: int | None = None, seed: int = 0, blinks: bool = True):
+        bundle = runtime.bundle
+        self.runtime, self.bundle, self.avatar = runtime, bundle, avatar
+        c = bundle.configs
+        self.ae_cfg, self.enc_cfg, self.a2l_cfg, self.den_cfg = c["autoencoder"], c["audio_encoder"], c["a2l"], c["denoiser"]
+        self.g_audio, self.g_a2l, self.g_den, self.g_dec, self.g_warp = (runtime[n] for n in ("audio_encoder", "a2l", "denoiser", "decoder", "warp"))
         self.steps = int(steps if steps is not None else bundle.steps)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        self.moving = np.asarray(self.a2l.config.landmark_indices)
+        self.moving = np.asarray(self.a2l_cfg.landmark_indices)
         self.ref_all = torch.from_numpy(avatar.landmarks_patch_units())[None]  # (1, 478, 2)
         self.ref_moving = self.ref_all[:, self.moving]  # (1, K, 2)
         g = torch.Generator().manual_seed(seed)
@@ -38,35 +41,35 @@ class FrameGenerator:
         self.avatar_patch = extract_patch(avatar.crop).astype(np.float32)  # (P, P, 3)
         self.blinks = BlinkSampler(bundle.blink_prior, bundle.fps, seed) if blinks else None
         self.previous: torch.Tensor | None = None
-        self.a2l_state: torch.Tensor | None = None
+        self.a2l_state: np.ndarray | None = None  # (L, 1, H) GRU state between calls
 
     # -- audio and landmarks (whole sequences; causal, so equal to running them frame by frame) --
-    @torch.no_grad()
     def audio_features(self, wave_16k: np.ndarray, n_frames: int) -> torch.Tensor:
         """(n_frames, D) smoothed audio features for frames at the bundle's fps."""
         mel = log_mel(wave_16k)  # (T, 80)
         return self.audio_features_from_mel(mel, mel_index_for_time(frame_times_constant(n_frames, self.bundle.fps)))
 
-    @torch.no_grad()
     def audio_features_from_mel(self, mel: np.ndarray, mel_index: np.ndarray) -> torch.Tensor:
         """(F, D) features from a log-mel (T, 80) and each frame's centre row (F,) (e.g. a prepared shard)."""
-        c = self.enc.config
-        win = np.clip(mel_index[:, None] + np.arange(-c.mel_before, c.mel_after + 1)[None, :], 0, len(mel) - 1)
-        return self.enc(torch.from_numpy(mel[win].astype(np.float32))[None])[0]
+        c = self.enc_cfg
+        win = np.clip(mel_index[:, None] + np.arange(-c.mel_before, c.mel_after + 1)[None, :], 0, len(mel) - 1)  # (F, W)
+        feats = self.g_audio.infer({"mel_windows": mel[win].astype(np.float32)[None]})["features"]  # (1, F, D)
+        return torch.from_numpy(feats[0])
 
-    @torch.no_grad()
     def landmarks(self, feats: torch.Tensor) -> torch.Tensor:
         """(F, D) features -> (F, K, 2) moving landmarks in patch units (continues the A2L state)."""
-        lm, self.a2l_state = self.a2l(feats[None], self.ref_moving, self.a2l_state)
-        return lm[0]
+        c = self.a2l_cfg
+        state = self.a2l_state if self.a2l_state is not None else np.zeros((c.layers, 1, c.hidden), np.float32)
+        out = self.g_a2l.infer({"audio": feats.numpy()[None].astype(np.float32), "reference": self.ref_moving.numpy(), "state": state})
+        self.a2l_state = out["state_out"]
+        return torch.from_numpy(out["landmarks"][0])  # (F, K, 2)
 
     def audio_tokens(self, feats: torch.Tensor, f: int) -> torch.Tensor:
-        a = self.den.config.audio_tokens
+        a = self.den_cfg.audio_tokens
         idx = np.clip(np.arange(f - a + 1, f + 1), 0, None)
         return feats[idx][None]  # (1, A, D)
 
     # -- one frame --
-    @torch.no_grad()
     def frame(self, lm_moving: torch.Tensor, audio: torch.Tensor, *, warp_only: bool = False) -> np.ndarray:
         """Landmarks (K, 2) and audio tokens (1, A, D) -> the full output frame (H, W, 3) uint8.
 
@@ -77,19 +80,23 @@ class FrameGenerator:
         lm_all = self.ref_all.clone()
         lm_all[:, self.moving] = lm_moving[None]
         px_mask = np.maximum(self.avatar_mask, patch_mask(from_patch_units(lm_all[0].numpy()) * s, s))  # (P, P)
-        m_lat = latent_mask(torch.from_numpy(pool_mask(px_mask, self.ae.config.downsample))[None, None], self.den.config.mask_dilate_cells)
-        cond = {"masked": av.latent * (1 - m_lat), "mask": m_lat, "reference": warp(av.latent, self.ref_all[:, self.warp_idx], lm_all[:, self.warp_idx]),
-                "previous": self.previous if self.previous is not None else torch.zeros_like(av.latent),
-                "landmarks": lm_moving[None], "audio": audio}
+        with torch.no_grad():
+            m_lat = latent_mask(torch.from_numpy(pool_mask(px_mask, self.ae_cfg.downsample))[None, None], self.den_cfg.mask_dilate_cells)
+        reference = self.g_warp.infer({"x": av.latent.numpy(), "src": self.ref_all[:, self.warp_idx].numpy(),
+                                       "dst": lm_all[:, self.warp_idx].numpy()})["warped"]
+        cond = {"masked": (av.latent * (1 - m_lat)).numpy(), "mask": m_lat.numpy(), "reference": reference,
+                "previous": (self.previous if self.previous is not None else torch.zeros_like(av.latent)).numpy(),
+                "landmarks": lm_moving[None].numpy(), "audio": audio.numpy()}
 
-        def denoise(z, t, c):
-            return self.den(z, t, c["masked"], c["mask"], c["reference"], c["previous"], c["landmarks"], c["audio"])
+        def denoise(z: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+            return torch.from_numpy(self.g_den.infer({"z": z.numpy().astype(np.float32), "t": t.numpy().astype(np.float32), **c})["v"])
 
-        x0 = cond["reference"] if warp_only else ddim_sample(denoise, self.noise, cond, steps=self.steps)
+        x0 = torch.from_numpy(reference) if warp_only else ddim_sample(denoise, self.noise, cond, steps=self.steps)
         x0 = m_lat * x0 + (1 - m_lat) * av.latent  # repaint only the mask: the rest is the portrait's own latent
         self.previous = x0
-        patch = (self.ae.decode(x0)[0].clamp(-1, 1) + 1) * 127.5  # (3, P, P) float
-        patch = self._match_colour(patch.permute(1, 2, 0).numpy(), px_mask)
+        img = self.g_dec.infer({"z": x0.numpy().astype(np.float32)})["image"][0]  # (3, P, P) in about [-1, 1]
+        patch = (np.clip(img, -1, 1) + 1) * 127.5
+        patch = self._match_colour(patch.transpose(1, 2, 0), px_mask)
         x0p, y0p, side = patch_box(s)
         crop = av.crop.copy()
         region = crop[y0p : y0p + side, x0p : x0p + side]

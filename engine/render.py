@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from engine.audio import decode_audio
@@ -14,15 +13,18 @@ from engine.bundle import Bundle, load_bundle
 from engine.errors import AvatarInputError
 from engine.generator import FrameGenerator
 from engine.media.mp4 import Mp4Writer
+from engine.runtime import load_runtime
 
 MUX_RATE_HZ = 48000  # the audio track of the mp4 (features use 16 kHz)
 
 
 def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: Bundle | str | Path | None = None,
-           steps: int | None = None, seed: int = 0, blinks: bool = True, threads: int | None = None, progress: bool = True) -> dict:
-    """Render ``out`` and return timings: frames, seconds of audio, wall time per stage."""
-    if threads:
-        torch.set_num_threads(threads)
+           steps: int | None = None, seed: int = 0, blinks: bool = True, threads: int | None = None, progress: bool = True,
+           backend: str = "auto") -> dict:
+    """Render ``out`` and return timings: frames, seconds of audio, wall time per stage.
+
+    ``backend``: auto | torch | onnxruntime | tensorrt (``engine.runtime.load_runtime``).
+    """
     out = Path(out)
     if out.is_dir():
         raise AvatarInputError(f"{out}: is a folder; give the output file's name, e.g. {out / 'out.mp4'}")
@@ -30,14 +32,15 @@ def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: 
         raise AvatarInputError(f"--seed must be >= 0, got {seed}")
     t0 = time.perf_counter()
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    rt = load_runtime(b, backend, threads=threads)
     wave = decode_audio(audio, sample_rate_hz=16000)
     mux = decode_audio(audio, sample_rate_hz=MUX_RATE_HZ)
     duration_s = len(wave) / 16000.0
     n_frames = max(1, int(np.ceil(duration_s * b.fps - 1e-6)))  # the last partial frame keeps the speech's tail
     image = load_portrait(portrait)
-    av_ = prepare_avatar(image, b.autoencoder, crop_size_px=b.crop_size_px)
+    av_ = prepare_avatar(image, rt, crop_size_px=b.crop_size_px)
     t_prep = time.perf_counter()
-    gen = FrameGenerator(b, av_, steps=steps, seed=seed, blinks=blinks)
+    gen = FrameGenerator(rt, av_, steps=steps, seed=seed, blinks=blinks)
     feats = gen.audio_features(wave, n_frames)
     lms = gen.landmarks(feats)
     t_audio = time.perf_counter()
@@ -52,7 +55,7 @@ def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: 
     finally:
         partial.unlink(missing_ok=True)
     t_end = time.perf_counter()
-    return {"out": str(out), "frames": n_frames, "fps": b.fps, "audio_s": round(duration_s, 3), "steps": gen.steps,
+    return {"out": str(out), "backend": rt.backend, "frames": n_frames, "fps": b.fps, "audio_s": round(duration_s, 3), "steps": gen.steps,
             "size": [w, h], "notes": av_.notes,
             "seconds": {"load_and_portrait": round(t_prep - t0, 2), "audio_and_landmarks": round(t_audio - t_prep, 2),
                         "frames": round(t_end - t_audio, 2), "total": round(t_end - t0, 2)},

@@ -23,12 +23,13 @@ import cv2
 import numpy as np
 import torch
 
-from engine.avatar import Avatar
+from engine.avatar import Avatar, encode_patch
 from engine.bundle import Bundle
 from engine.face.geometry import index_sets
 from engine.face.region import extract_patch, patch_mask
 from engine.generator import FrameGenerator
 from engine.metrics import psnr, ssim_map
+from engine.runtime import load_runtime
 from engine.training.data import FrameStore
 
 METHODS = ("ours", "warp_only", "static_portrait")
@@ -73,7 +74,8 @@ def _strip(rows: list[tuple[str, np.ndarray]], frames: list[int], path: Path) ->
 
 @torch.no_grad()
 def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path, *, max_frames: int = 100, steps: int | None = None,
-                       seed: int = 0, lpips: bool = True) -> dict:
+                       seed: int = 0, lpips: bool = True, backend: str = "auto", threads: int | None = None) -> dict:
+    rt = load_runtime(bundle, backend, threads=threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = FrameStore(data_dirs, split="eval")
@@ -103,9 +105,8 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
         crop_r = np.ascontiguousarray(crops[r])
         lm_r = store.landmarks[seg.start + r]
         patch_r = extract_patch(crop_r)
-        avatar = Avatar(crop_r, np.array([[1.0, 0, 0], [0, 1.0, 0]]), crop_r, lm_r,
-                        bundle.autoencoder.encode(_t(patch_r[None])), [])
-        gen = FrameGenerator(bundle, avatar, steps=steps, seed=seed, blinks=False)  # ground truth blinks when it will
+        avatar = Avatar(crop_r, np.array([[1.0, 0, 0], [0, 1.0, 0]]), crop_r, lm_r, encode_patch(rt, patch_r), [])
+        gen = FrameGenerator(rt, avatar, steps=steps, seed=seed, blinks=False)  # ground truth blinks when it will
         feats = gen.audio_features_from_mel(seg.mel, seg.mel_index)
         lms = gen.landmarks(feats)
         outs = {"ours": [], "warp_only": []}
@@ -143,7 +144,7 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
                list(np.linspace(0, n - 1, 8).astype(int)), out / f"strip_{seg.name}.png")
         print(f"eval {seg.name}: " + ", ".join(f"{m} {row[m].get('lpips_lower_face', row[m].get('ssim_lower_face', 0)):.3f}" for m in METHODS))
     summary = {m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in totals.items()}
-    report = {"protocol": __doc__.strip().splitlines()[0], "steps": steps or bundle.steps, "seed": seed, "max_frames": max_frames,
+    report = {"protocol": __doc__.strip().splitlines()[0], "runtime": rt.describe(), "steps": steps or bundle.steps, "seed": seed, "max_frames": max_frames,
               "lpips": getattr(lp, "name", None), "wall_s": round(time.perf_counter() - t0, 1), "summary": summary, "segments": per_seg}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(_markdown(report))

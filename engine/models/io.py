@@ -46,6 +46,14 @@ def save_model(model: nn.Module, stem: str | Path, *, half: bool = False) -> tup
     return cfg_path, w_path
 
 
+def load_config(config_cls: type, stem: str | Path) -> Any:
+    """The architecture config in ``stem.json``."""
+    cfg_path = Path(stem).with_suffix(".json")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"model file missing: {cfg_path}")
+    return config_from_dict(config_cls, json.loads(cfg_path.read_text()))
+
+
 def load_model(cls: type[M], config_cls: type, stem: str | Path, *, map_location: str = "cpu") -> M:
     """Build ``cls(config)`` from ``stem.json`` and load ``stem.pt`` (weights cast to fp32)."""
     stem = Path(stem)

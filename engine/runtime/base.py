@@ -50,3 +50,18 @@ def check_feed(graph_name: str, input_names: list[str], feed: Mapping[str, np.nd
     extra = [n for n in feed if n not in input_names]
     if missing or extra:
         raise KeyError(f"{graph_name}: feed is missing {missing} / has unknown {extra} (inputs: {input_names})")
+
+
+class GraphIO:
+    """The names half of a Graph: backends keep ``_inputs`` / ``_outputs`` (the spec's order)."""
+
+    _inputs: list[str]
+    _outputs: list[str]
+
+    @property
+    def input_names(self) -> list[str]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._outputs

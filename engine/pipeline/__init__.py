@@ -1,0 +1,1 @@
+"""The live pipeline: audio sources, voice activity, the frame clock and generation stages, metrics."""

@@ -1,0 +1,660 @@
+"""Audio sources of the live pipeline: a file, pushed PCM, a microphone, a WebRTC track.
+
+Every source is an async iterator of :class:`AudioChunk`: exactly 10 ms (160 samples) of 16 kHz
+mono float32 in [-1, 1]. A chunk's ``pts_s`` is its start on the *source's media clock*: the
+number of samples the source produced before it, divided by 16000 (so chunk k has
+``pts_s == k / 100`` exactly, as a float). It is counted from samples, never read from a wall
+clock, so it neither drifts nor jitters; it is up to the consumer to place that clock on its
+own (the pipeline's frame clock keeps running, with idle frames, while a source has nothing).
+
+A *segment* is an utterance (a file, a TTS turn, a track's life). Its last chunk carries
+``end_of_segment=True``; the audio it holds is its first ``valid_samples`` samples, the rest is
+zero padding. Where the segment's end is only known after its last audio has already been
+yielded (a push source told ``end_of_segment()`` late, a track that stops), the flag travels on
+an extra all-padding chunk with ``valid_samples == 0``.
+
+Resampling to 16 kHz mono uses FFmpeg's resampler (``av.AudioResampler``), kept alive across
+pushes and frames so that chunk boundaries do not click, and drained at a segment's end so that
+no tail is lost. Stereo is mixed down as :func:`engine.audio.decode.decode_audio` does.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from engine.audio.decode import decode_audio
+from engine.errors import AvatarInputError
+
+SAMPLE_RATE_HZ = 16000  # every source yields audio at this rate
+CHUNK_MS = 10  # every chunk is this long (webrtcvad takes 10, 20 or 30 ms frames)
+CHUNK_SAMPLES = SAMPLE_RATE_HZ * CHUNK_MS // 1000  # 160 samples per chunk
+
+
+class AudioDeviceUnavailable(AvatarInputError):
+    """PortAudio is missing, or no audio input device can record 16 kHz mono float32."""
+
+
+@dataclass(frozen=True, eq=False)
+class AudioChunk:
+    """10 ms of 16 kHz mono audio with its time on the source's media clock."""
+
+    pcm: np.ndarray = field(repr=False)  # (160,) float32 in [-1, 1], read-only; zero past valid_samples
+    pts_s: float  # start of the chunk on the source's media clock: samples before it / 16000
+    end_of_segment: bool = False  # the last chunk of a segment (utterance, file, track)
+    valid_samples: int = CHUNK_SAMPLES  # leading samples that are audio (< 160 only at a segment end)
+
+    def __post_init__(self) -> None:
+        if self.pcm.shape != (CHUNK_SAMPLES,) or self.pcm.dtype != np.float32:
+            raise ValueError(
+                f"AudioChunk.pcm must be ({CHUNK_SAMPLES},) float32, "
+                f"got {self.pcm.shape} {self.pcm.dtype}"
+            )
+        if not 0 <= self.valid_samples <= CHUNK_SAMPLES:
+            raise ValueError(f"valid_samples must be in [0, {CHUNK_SAMPLES}], got {self.valid_samples}")
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate 1-D float32 arrays (an empty list gives an empty array)."""
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class Rechunker:
+    """Cuts a stream of 16 kHz mono samples into exact 10 ms :class:`AudioChunk`\\ s.
+
+    Samples that do not fill a chunk wait for the next :meth:`push`. The chunks' ``pts_s`` come
+    from a sample counter: the index of a chunk's first sample divided by 16000.
+    """
+
+    def __init__(self, *, start_sample: int = 0) -> None:
+        self._pending = np.zeros(0, dtype=np.float32)  # (n < 160,) samples not yet in a chunk
+        self._next_sample = start_sample  # sample index where the next chunk starts
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples held back because they do not fill a chunk yet."""
+        return int(self._pending.size)
+
+    @property
+    def next_sample(self) -> int:
+        """Sample index (on the media clock) of the next chunk's first sample."""
+        return self._next_sample
+
+    def reset(self, *, start_sample: int) -> None:
+        """Drop the pending samples and restart the counter at ``start_sample``."""
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._next_sample = start_sample
+
+    def _make(self, pcm: np.ndarray, *, end_of_segment: bool, valid_samples: int) -> AudioChunk:
+        pcm.setflags(write=False)
+        chunk = AudioChunk(
+            pcm=pcm,
+            pts_s=self._next_sample / SAMPLE_RATE_HZ,
+            end_of_segment=end_of_segment,
+            valid_samples=valid_samples,
+        )
+        self._next_sample += CHUNK_SAMPLES
+        return chunk
+
+    def push(self, samples: np.ndarray, *, end_of_segment: bool = False) -> list[AudioChunk]:
+        """Append ``samples`` (16 kHz mono float, shape (n,)) and cut chunks.
+
+        With ``end_of_segment=True`` the remainder is zero-padded into a last chunk and that
+        chunk is flagged; if nothing remains, the last chunk cut here is flagged instead; if
+        this call cuts no chunk at all, an all-padding flagged chunk (``valid_samples=0``)
+        carries the flag.
+        """
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)  # (n,)
+        if self._pending.size:
+            x = np.concatenate([self._pending, x])
+        # clip makes a fresh array: chunks never alias a caller's (or PortAudio's) buffer
+        x = np.clip(x, -1.0, 1.0)
+        n_full = x.size // CHUNK_SAMPLES
+        chunks = [
+            self._make(
+                x[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES],
+                end_of_segment=False,
+                valid_samples=CHUNK_SAMPLES,
+            )
+            for i in range(n_full)
+        ]
+        rest = x[n_full * CHUNK_SAMPLES :]
+        if not end_of_segment:
+            self._pending = rest.copy()  # a copy, so that the chunks' buffer is not kept writable
+            return chunks
+        self._pending = np.zeros(0, dtype=np.float32)
+        if rest.size:
+            pcm = np.zeros(CHUNK_SAMPLES, dtype=np.float32)
+            pcm[: rest.size] = rest
+            chunks.append(self._make(pcm, end_of_segment=True, valid_samples=int(rest.size)))
+        elif chunks:
+            chunks[-1] = replace(chunks[-1], end_of_segment=True)
+        else:
+            chunks.append(
+                self._make(np.zeros(CHUNK_SAMPLES, dtype=np.float32), end_of_segment=True, valid_samples=0)
+            )
+        return chunks
+
+
+def _layout_name(channels: int) -> str:
+    """FFmpeg channel layout name for an interleaved buffer of ``channels`` channels."""
+    return {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
+
+
+class _Resampler:
+    """``av.AudioResampler`` to 16 kHz mono float32 that keeps its filter state across calls.
+
+    When the input's format, layout or rate changes, the old resampler is drained (its tail
+    kept) and a new one is built, as :func:`engine.audio.decode.decode_audio` does.
+    """
+
+    def __init__(self) -> None:
+        self._resampler: av.AudioResampler | None = None
+        self._setup: tuple[str, str, int] | None = None  # (format, layout, rate) it was built for
+
+    @staticmethod
+    def _take(frames: list[av.AudioFrame]) -> list[np.ndarray]:
+        return [f.to_ndarray().reshape(-1) for f in frames]  # (1, n) packed mono -> (n,)
+
+    def process_frame(self, frame: av.AudioFrame) -> np.ndarray:
+        """Resample one frame; returns the (n,) float32 samples the resampler released."""
+        setup = (frame.format.name, frame.layout.name, int(frame.sample_rate))
+        parts: list[np.ndarray] = []
+        if self._resampler is not None and setup != self._setup:
+            parts.append(self.flush())
+        if self._resampler is None:
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE_HZ)
+            self._setup = setup
+        parts.extend(self._take(self._resampler.resample(frame)))
+        return _concat(parts)
+
+    def process_array(self, interleaved: np.ndarray, *, sample_rate_hz: int, channels: int) -> np.ndarray:
+        """Resample an interleaved 1-D int16 or float32 buffer of ``channels`` channels."""
+        fmt = "s16" if interleaved.dtype == np.int16 else "flt"
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(interleaved).reshape(1, -1),  # (1, n * channels) packed
+            format=fmt,
+            layout=_layout_name(channels),
+        )
+        frame.sample_rate = sample_rate_hz
+        return self.process_frame(frame)
+
+    def flush(self) -> np.ndarray:
+        """Drain the buffered tail; the next input starts a fresh resampler."""
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        tail = _concat(self._take(self._resampler.resample(None)))
+        self.reset()
+        return tail
+
+    def reset(self) -> None:
+        """Forget the buffered tail (barge-in): the next input starts a fresh resampler."""
+        self._resampler = None
+        self._setup = None
+
+
+class AudioSource(ABC):
+    """An async iterator of :class:`AudioChunk` that can be closed.
+
+    Use ``async for chunk in source`` and ``await source.aclose()`` (or ``async with source``).
+    """
+
+    def __aiter__(self) -> AudioSource:
+        return self
+
+    @abstractmethod
+    async def __anext__(self) -> AudioChunk:
+        """The next chunk; raises StopAsyncIteration when the source has ended or was closed."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Stop now: release the device or track; the iterator ends at its next step."""
+
+    async def __aenter__(self) -> AudioSource:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+
+class FileSource(AudioSource):
+    """The audio of a media file as one segment, paced in real time or as fast as consumed.
+
+    The file is decoded (with :func:`engine.audio.decode.decode_audio`, in an executor) at the
+    first ``__anext__``, which therefore raises its errors (UnreadableMediaError,
+    NoAudioStreamError, EmptyAudioError). With ``realtime=True`` chunk k is released at
+    ``t0 + k * 10 ms`` on the event loop's clock, t0 being when chunk 0 was released; deadlines
+    are absolute, so no drift accumulates, and a consumer that stalls receives the chunks that
+    fell due at once rather than shifting the rest of the file later.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, realtime: bool) -> None:
+        self.path = Path(path)  # the media file (any container PyAV opens with an audio stream)
+        self.realtime = realtime  # pace chunks at 10 ms on the loop clock, else as fast as taken
+        self._wave: np.ndarray | None = None  # (N,) float32 at 16 kHz, after the first __anext__
+        self._n_chunks = 0  # ceil(N / 160)
+        self._index = 0  # index of the next chunk to yield
+        self._t0: float | None = None  # loop time at which chunk 0 was released
+        self._closed = False
+
+    @property
+    def duration_s(self) -> float | None:
+        """Duration of the decoded audio in seconds (None until the first chunk was asked for)."""
+        return None if self._wave is None else self._wave.size / SAMPLE_RATE_HZ
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        wave = await loop.run_in_executor(
+            None, functools.partial(decode_audio, self.path, sample_rate_hz=SAMPLE_RATE_HZ)
+        )
+        self._wave = np.clip(wave, -1.0, 1.0).astype(np.float32, copy=False)
+        self._wave.setflags(write=False)
+        self._n_chunks = math.ceil(self._wave.size / CHUNK_SAMPLES)
+
+    def _chunk(self, k: int) -> AudioChunk:
+        assert self._wave is not None
+        start = k * CHUNK_SAMPLES  # sample counter: the chunk's first sample
+        pcm = self._wave[start : start + CHUNK_SAMPLES]
+        valid = int(pcm.size)
+        if valid < CHUNK_SAMPLES:
+            pcm = np.concatenate([pcm, np.zeros(CHUNK_SAMPLES - valid, dtype=np.float32)])
+            pcm.setflags(write=False)
+        return AudioChunk(
+            pcm=pcm,
+            pts_s=start / SAMPLE_RATE_HZ,
+            end_of_segment=k == self._n_chunks - 1,
+            valid_samples=valid,
+        )
+
+    async def __anext__(self) -> AudioChunk:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._wave is None:
+            await self._load()
+        if self._closed or self._index >= self._n_chunks:
+            raise StopAsyncIteration
+        if self.realtime:
+            loop = asyncio.get_running_loop()
+            if self._t0 is None:
+                self._t0 = loop.time()
+            delay_s = self._t0 + self._index * CHUNK_MS / 1000 - loop.time()
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            if self._closed:
+                raise StopAsyncIteration
+        chunk = self._chunk(self._index)
+        self._index += 1
+        return chunk
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._wave = None  # free the decoded audio; __anext__ checks _closed first
+
+
+def _is_int(value: object) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class PushSource(AudioSource):
+    """PCM pushed by a voice agent (TTS), after livekit/agents' avatar API.
+
+    ``push_audio`` any rate and channel count (int16 or float), ``end_of_segment()`` after each
+    turn, ``clear_buffer()`` on barge-in, ``close()`` when done. The iterator waits while
+    nothing is queued (no silence is made up here). The push methods are synchronous and cheap;
+    they may be called from the event loop or from another thread.
+
+    ``pts_s`` counts the samples *yielded*: :meth:`clear_buffer` rewinds the counter to the first
+    dropped chunk, so the yielded chunks always tile the media clock without gaps.
+    """
+
+    def __init__(self, *, max_buffer_s: float = 10.0) -> None:
+        if not max_buffer_s > 0:
+            raise ValueError(f"max_buffer_s must be positive, got {max_buffer_s}")
+        self.max_buffer_s = max_buffer_s  # push_audio refuses audio that would queue more than this
+        self._lock = threading.Lock()  # guards everything below: pushes may come from threads
+        self._queue: deque[AudioChunk] = deque()  # chunks cut and not yet yielded
+        self._rechunker = Rechunker()
+        self._resampler = _Resampler()
+        self._next_yield_sample = 0  # sample index after the last yielded chunk
+        self._segment_open = False  # audio was pushed since the last end of segment
+        self._open_segment_yielded = False  # the consumer has seen part of a segment but not its end
+        self._input_closed = False  # close(): no more pushes; the iterator ends once drained
+        self._stopped = False  # aclose(): the iterator ends now
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the iterator waits on
+        self._event: asyncio.Event | None = None  # set when there is something to yield
+
+    # -- state seen by the producer ------------------------------------------------------------
+
+    def _available_samples_locked(self) -> int:
+        return sum(c.valid_samples for c in self._queue) + self._rechunker.pending_samples
+
+    @property
+    def available_s(self) -> float:
+        """Seconds of audio queued and not yet yielded (not counting the resampler's few ms)."""
+        with self._lock:
+            return self._available_samples_locked() / SAMPLE_RATE_HZ
+
+    def _wake(self) -> None:
+        loop, event = self._loop, self._event
+        if loop is None or event is None:
+            return  # nobody has waited yet: the first __anext__ finds the queue as it is
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            event.set()
+        else:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is left to wake
+
+    # -- producer API --------------------------------------------------------------------------
+
+    def push_audio(self, pcm: np.ndarray, sample_rate_hz: int, channels: int = 1) -> None:
+        """Queue PCM: int16 or float in [-1, 1], interleaved 1-D ``(n * channels,)`` or ``(n, channels)``.
+
+        Raises:
+            TypeError: ``pcm`` is neither int16 nor floating point.
+            ValueError: a bad rate, channel count or shape, or non-finite samples.
+            BufferError: the queue would exceed ``max_buffer_s``; this push is refused whole and
+                nothing already queued is lost (wait for ``available_s`` to fall and retry).
+            RuntimeError: the source was closed.
+        """
+        x = np.asarray(pcm)
+        if x.dtype != np.int16 and not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"push_audio takes int16 or float PCM, got dtype {x.dtype}")
+        if not _is_int(sample_rate_hz) or sample_rate_hz <= 0:
+            raise ValueError(f"sample_rate_hz must be a positive integer, got {sample_rate_hz!r}")
+        if not _is_int(channels) or not 1 <= channels <= 64:
+            raise ValueError(f"channels must be an integer in [1, 64], got {channels!r}")
+        if x.ndim == 2:
+            if x.shape[1] != channels:
+                raise ValueError(f"pcm of shape {x.shape} is not (samples, channels={channels})")
+            x = x.reshape(-1)  # (n, C) -> (n * C,) interleaved
+        elif x.ndim != 1 or x.size % channels:
+            raise ValueError(
+                f"pcm must be interleaved 1-D with a multiple of channels={channels} values "
+                f"or (samples, channels); got shape {x.shape}"
+            )
+        if x.dtype != np.int16:
+            x = x.astype(np.float32, copy=False)
+            if not np.isfinite(x).all():
+                raise ValueError("pcm contains NaN or infinite samples")
+        n_frames = x.size // channels
+        if n_frames == 0:
+            return
+        incoming_s = n_frames / sample_rate_hz
+        with self._lock:
+            if self._input_closed or self._stopped:
+                raise RuntimeError("push_audio on a closed PushSource")
+            queued_s = self._available_samples_locked() / SAMPLE_RATE_HZ
+            if queued_s + incoming_s > self.max_buffer_s:
+                raise BufferError(
+                    f"PushSource buffer full: {queued_s:.3f} s queued + {incoming_s:.3f} s pushed "
+                    f"> max_buffer_s={self.max_buffer_s:.3f} s; the push was refused and nothing "
+                    f"queued was lost (push at most real time, or raise max_buffer_s)"
+                )
+            samples = self._resampler.process_array(
+                x, sample_rate_hz=int(sample_rate_hz), channels=int(channels)
+            )
+            self._queue.extend(self._rechunker.push(samples))
+            self._segment_open = True
+        self._wake()
+
+    def _end_segment_locked(self) -> None:
+        if not self._segment_open:
+            return
+        tail = self._resampler.flush()
+        if (
+            tail.size == 0
+            and self._rechunker.pending_samples == 0
+            and self._queue
+            and not self._queue[-1].end_of_segment
+        ):
+            self._queue[-1] = replace(self._queue[-1], end_of_segment=True)
+        else:
+            self._queue.extend(self._rechunker.push(tail, end_of_segment=True))
+        self._segment_open = False
+
+    def end_of_segment(self) -> None:
+        """Mark the end of the current turn: its tail is flushed and its last chunk flagged.
+
+        A no-op when nothing was pushed since the last end of segment.
+        """
+        with self._lock:
+            self._end_segment_locked()
+        self._wake()
+
+    def clear_buffer(self) -> float:
+        """Barge-in: drop everything queued and not yet yielded; returns the seconds dropped.
+
+        If the consumer has already seen part of the interrupted segment, an all-padding chunk
+        flagged ``end_of_segment`` follows, so every segment the consumer started also ends.
+        """
+        with self._lock:
+            dropped = self._available_samples_locked()
+            self._queue.clear()
+            self._resampler.reset()
+            self._rechunker.reset(start_sample=self._next_yield_sample)
+            self._segment_open = False
+            if self._open_segment_yielded:
+                self._queue.extend(self._rechunker.push(np.zeros(0, np.float32), end_of_segment=True))
+        self._wake()
+        return dropped / SAMPLE_RATE_HZ
+
+    def close(self) -> None:
+        """No more audio: the open segment is ended, and the iterator stops once it is drained."""
+        with self._lock:
+            if self._input_closed:
+                return
+            self._end_segment_locked()
+            self._input_closed = True
+        self._wake()
+
+    # -- consumer ------------------------------------------------------------------------------
+
+    async def __anext__(self) -> AudioChunk:
+        while True:
+            with self._lock:
+                if self._stopped:
+                    raise StopAsyncIteration
+                if self._queue:
+                    chunk = self._queue.popleft()
+                    self._next_yield_sample += CHUNK_SAMPLES
+                    self._open_segment_yielded = not chunk.end_of_segment
+                    return chunk
+                if self._input_closed:
+                    self._stopped = True
+                    raise StopAsyncIteration
+                if self._event is None:
+                    self._event = asyncio.Event()
+                self._loop = asyncio.get_running_loop()
+                self._event.clear()
+            await self._event.wait()
+
+    async def aclose(self) -> None:
+        """Stop now, dropping whatever is queued (use :meth:`close` to let the queue drain)."""
+        with self._lock:
+            self._stopped = True
+            self._input_closed = True
+            self._queue.clear()
+            self._rechunker.reset(start_sample=self._next_yield_sample)
+            self._resampler.reset()
+        self._wake()
+
+
+def _import_sounddevice() -> ModuleType:
+    """Import sounddevice (which loads PortAudio), mapping failure to AudioDeviceUnavailable."""
+    try:
+        import sounddevice
+    except (ImportError, OSError) as e:  # OSError: "PortAudio library not found"
+        raise AudioDeviceUnavailable(
+            f"no audio input device: PortAudio could not be loaded ({e}); "
+            "install it (Debian/Ubuntu: apt-get install libportaudio2)"
+        ) from e
+    return sounddevice
+
+
+class MicrophoneSource(AudioSource):
+    """A live microphone through PortAudio (sounddevice): 16 kHz mono float32, 10 ms blocks.
+
+    The device is checked in the constructor (raising :class:`AudioDeviceUnavailable` with the
+    cause) and opened at the first ``__anext__``. PortAudio's callback thread cuts chunks and
+    hands them to the event loop with ``call_soon_threadsafe``; the queue holds at most
+    ``max_queue_chunks`` and, when the consumer falls behind, drops the oldest chunk and counts
+    it in :attr:`overflows` (the chunks' ``pts_s`` then show the gap).
+    """
+
+    def __init__(self, device: int | str | None = None, *, max_queue_chunks: int = 50) -> None:
+        if max_queue_chunks < 1:
+            raise ValueError(f"max_queue_chunks must be >= 1, got {max_queue_chunks}")
+        self.device = device  # PortAudio device index or name substring; None: the default input
+        self.max_queue_chunks = max_queue_chunks  # bound of the chunk queue (50 = 0.5 s)
+        self.overflows = 0  # chunks dropped because the consumer fell behind
+        self.input_overflows = 0  # blocks where PortAudio reported an input overflow (device-side loss)
+        self._sd = _import_sounddevice()
+        try:
+            self._sd.check_input_settings(
+                device=device, channels=1, dtype="float32", samplerate=SAMPLE_RATE_HZ
+            )
+        except (self._sd.PortAudioError, ValueError) as e:
+            raise AudioDeviceUnavailable(self._unavailable_message(e)) from e
+        self._rechunker = Rechunker()  # used only by PortAudio's callback thread
+        self._queue: asyncio.Queue[AudioChunk | None] | None = None  # None: end of stream
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stream: Any = None  # sounddevice.InputStream once started
+        self._closed = False
+
+    def _unavailable_message(self, e: BaseException) -> str:
+        which = "the default input" if self.device is None else f"device {self.device!r}"
+        return (
+            f"no audio input device: {which} cannot record {SAMPLE_RATE_HZ} Hz mono float32 "
+            f"({e}); connect a microphone or pass device= one of sounddevice.query_devices()"
+        )
+
+    def _enqueue(self, chunks: list[AudioChunk]) -> None:
+        """On the loop: queue chunks, dropping the oldest when full."""
+        if self._closed or self._queue is None:
+            return
+        for chunk in chunks:
+            if self._queue.full():
+                self._queue.get_nowait()
+                self.overflows += 1
+            self._queue.put_nowait(chunk)
+
+    def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        """PortAudio's thread: cut the (frames, 1) block into chunks and hand them to the loop."""
+        if status.input_overflow:
+            self.input_overflows += 1
+        chunks = self._rechunker.push(indata[:, 0])  # push copies: PortAudio reuses indata
+        loop = self._loop
+        if chunks and loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._enqueue, chunks)
+            except RuntimeError:
+                pass  # the loop closed while the stream was still running
+
+    def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(maxsize=self.max_queue_chunks)
+        sd = self._sd
+        try:
+            stream = sd.InputStream(
+                samplerate=SAMPLE_RATE_HZ,
+                blocksize=CHUNK_SAMPLES,
+                device=self.device,
+                channels=1,
+                dtype="float32",
+                callback=self._callback,
+            )
+            stream.start()
+        except (sd.PortAudioError, ValueError) as e:
+            raise AudioDeviceUnavailable(self._unavailable_message(e)) from e
+        self._stream = stream
+
+    async def __anext__(self) -> AudioChunk:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._stream is None:
+            self._start()
+        assert self._queue is not None
+        chunk = await self._queue.get()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            # abort() discards buffered input and returns promptly; run off the loop anyway
+            await asyncio.get_running_loop().run_in_executor(None, lambda: (stream.abort(), stream.close()))
+        if self._queue is not None:
+            while self._queue.full():
+                self._queue.get_nowait()
+            self._queue.put_nowait(None)  # wake a waiting consumer
+
+
+class TrackSource(AudioSource):
+    """An aiortc audio track (a WebRTC peer's microphone), resampled and cut into 10 ms chunks.
+
+    Frames from ``await track.recv()`` (typically 48 kHz stereo s16, 20 ms) go through one
+    ``av.AudioResampler`` kept across frames. When the track ends (aiortc raises
+    ``MediaStreamError``) the resampler is drained, the last chunk is flagged
+    ``end_of_segment`` and the iterator ends. ``pts_s`` counts samples received, not the RTP
+    timestamps: packets lost upstream shift nothing here. The track is not stopped by
+    :meth:`aclose` (it may be shared, e.g. through a MediaRelay); its owner stops it.
+    """
+
+    def __init__(self, track: MediaStreamTrack) -> None:
+        if getattr(track, "kind", None) != "audio":
+            raise ValueError(f"TrackSource needs an audio track, got kind={getattr(track, 'kind', None)!r}")
+        self.track = track  # the aiortc track read from
+        self._resampler = _Resampler()
+        self._rechunker = Rechunker()
+        self._ready: deque[AudioChunk] = deque()  # chunks cut and not yet yielded
+        self._any_audio = False  # at least one sample arrived (so the segment needs an end)
+        self._ended = False  # the track ended
+        self._closed = False  # aclose() was called
+
+    async def __anext__(self) -> AudioChunk:
+        while not self._ready:
+            if self._closed or self._ended:
+                raise StopAsyncIteration
+            try:
+                frame = await self.track.recv()
+            except MediaStreamError:
+                self._ended = True
+                tail = self._resampler.flush()
+                if self._any_audio or tail.size:
+                    self._ready.extend(self._rechunker.push(tail, end_of_segment=True))
+                continue
+            if self._closed:
+                raise StopAsyncIteration
+            samples = self._resampler.process_frame(frame)
+            self._any_audio = self._any_audio or frame.samples > 0
+            self._ready.extend(self._rechunker.push(samples))
+        return self._ready.popleft()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._ready.clear()

@@ -1,0 +1,459 @@
+"""Audio sources: exact 10 ms chunks, sample-counted pts, resampling, pacing, barge-in, errors.
+
+Everything is real: files decoded by PyAV, FFmpeg's resampler, an aiortc track (also received
+over a loopback WebRTC connection, Opus and all), PortAudio (which finds no device here).
+Timing is asserted only as lower bounds and loose upper bounds.
+"""
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import threading
+import time
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, VideoStreamTrack
+
+from engine.audio.decode import decode_audio
+from engine.errors import AvatarInputError, UnreadableMediaError
+from engine.pipeline.sources import (
+    CHUNK_MS,
+    CHUNK_SAMPLES,
+    SAMPLE_RATE_HZ,
+    AudioChunk,
+    AudioDeviceUnavailable,
+    FileSource,
+    MicrophoneSource,
+    PushSource,
+    Rechunker,
+    TrackSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_VOICE = REPO_ROOT / "engine" / "assets" / "demo" / "demo_voice.wav"
+TIMEOUT_S = 5.0  # bound on every await that could hang if a source were broken
+
+
+def _run(coro, timeout_s: float = 15.0):
+    """Run a coroutine to completion with an overall bound."""
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+async def _collect(source, limit: int = 100_000) -> list[AudioChunk]:
+    chunks: list[AudioChunk] = []
+    async for chunk in source:
+        chunks.append(chunk)
+        if len(chunks) >= limit:
+            break
+    return chunks
+
+
+def _sine(freq_hz: float, n: int, sr_hz: int, amplitude: float = 0.5, phase_samples: int = 0) -> np.ndarray:
+    t = (np.arange(n) + phase_samples) / sr_hz
+    return (amplitude * np.sin(2 * np.pi * freq_hz * t)).astype(np.float32)
+
+
+def _peak_hz(x: np.ndarray, sr_hz: int = SAMPLE_RATE_HZ) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(x.size)))
+    return float(np.argmax(spectrum) * sr_hz / x.size)
+
+
+def _assert_tiled(chunks: list[AudioChunk], start_index: int = 0) -> None:
+    """Chunk k has pts k/100 exactly (a float from the sample counter) and 160 float32 samples."""
+    for k, chunk in enumerate(chunks, start=start_index):
+        assert chunk.pts_s == k / 100, (k, chunk.pts_s)
+        assert chunk.pcm.shape == (CHUNK_SAMPLES,) and chunk.pcm.dtype == np.float32
+        assert not chunk.pcm.flags.writeable
+        assert np.abs(chunk.pcm).max() <= 1.0
+
+
+def _write_wav(path: Path, samples: np.ndarray, sr_hz: int) -> Path:
+    """A real 16-bit mono WAV file."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr_hz)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def _valid_audio(chunks: list[AudioChunk]) -> np.ndarray:
+    return np.concatenate([c.pcm[: c.valid_samples] for c in chunks]) if chunks else np.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# AudioChunk and Rechunker
+
+
+def test_constants_and_chunk_validation() -> None:
+    assert (SAMPLE_RATE_HZ, CHUNK_MS, CHUNK_SAMPLES) == (16000, 10, 160)
+    with pytest.raises(ValueError, match="160"):
+        AudioChunk(pcm=np.zeros(80, np.float32), pts_s=0.0)
+    with pytest.raises(ValueError, match="float32"):
+        AudioChunk(pcm=np.zeros(160, np.float64), pts_s=0.0)
+    chunk = AudioChunk(pcm=np.zeros(160, np.float32), pts_s=0.5)
+    with pytest.raises(AttributeError):
+        chunk.pts_s = 1.0  # frozen
+    assert "pcm" not in repr(chunk)
+
+
+def test_rechunker_odd_pushes_keep_samples_and_pts() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, 16000).astype(np.float32)
+    rechunker = Rechunker()
+    chunks: list[AudioChunk] = []
+    i = 0
+    while i < x.size:
+        n = int(rng.integers(1, 700))
+        chunks += rechunker.push(x[i : i + n])
+        i += n
+    assert rechunker.pending_samples == x.size % CHUNK_SAMPLES == 0
+    _assert_tiled(chunks)
+    assert len(chunks) == 100
+    np.testing.assert_array_equal(np.concatenate([c.pcm for c in chunks]), x)
+
+
+@pytest.mark.parametrize(
+    "n, expect_chunks, expect_valid",
+    [(170, 2, 10), (320, 2, 160), (0, 1, 0)],
+)
+def test_rechunker_end_of_segment(n: int, expect_chunks: int, expect_valid: int) -> None:
+    rechunker = Rechunker()
+    x = np.full(n, 0.25, np.float32)
+    chunks = rechunker.push(x, end_of_segment=True)
+    assert len(chunks) == expect_chunks
+    assert [c.end_of_segment for c in chunks] == [False] * (expect_chunks - 1) + [True]
+    assert chunks[-1].valid_samples == expect_valid
+    assert np.all(chunks[-1].pcm[expect_valid:] == 0)  # zero padding
+    assert rechunker.pending_samples == 0 and rechunker.next_sample == expect_chunks * 160
+    _assert_tiled(chunks)
+
+
+def test_rechunker_clips_and_never_aliases_input() -> None:
+    x = np.full(160, 2.0, np.float32)
+    (chunk,) = Rechunker().push(x)
+    assert np.all(chunk.pcm == 1.0)
+    x[:] = 0.0
+    assert np.all(chunk.pcm == 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# FileSource
+
+
+def test_file_source_fast_yields_the_decoded_file_exactly() -> None:
+    wave_ref = decode_audio(DEMO_VOICE, sample_rate_hz=SAMPLE_RATE_HZ)
+    source = FileSource(DEMO_VOICE, realtime=False)
+    chunks = _run(_collect(source))
+    assert len(chunks) == math.ceil(wave_ref.size / CHUNK_SAMPLES)
+    _assert_tiled(chunks)
+    assert [c.end_of_segment for c in chunks].count(True) == 1 and chunks[-1].end_of_segment
+    assert chunks[-1].valid_samples == wave_ref.size - (len(chunks) - 1) * CHUNK_SAMPLES
+    np.testing.assert_array_equal(_valid_audio(chunks), wave_ref)
+    assert source.duration_s == pytest.approx(wave_ref.size / SAMPLE_RATE_HZ)
+
+
+def test_file_source_realtime_paces_against_the_loop_clock(tmp_path: Path) -> None:
+    path = _write_wav(tmp_path / "one_second.wav", _sine(220, 16000, 16000), 16000)
+
+    async def main() -> tuple[list[AudioChunk], list[float], float]:
+        loop = asyncio.get_running_loop()
+        source = FileSource(path, realtime=True)
+        chunks, released = [], []
+        async for chunk in source:
+            released.append(loop.time())
+            chunks.append(chunk)
+        return chunks, released, released[-1] - released[0]
+
+    chunks, released, span_s = _run(main())
+    assert len(chunks) == 100  # ceil(1 s / 10 ms)
+    _assert_tiled(chunks)
+    # Absolute deadlines: chunk k never comes before t0 + k * 10 ms ...
+    t0 = released[0]
+    assert all(t >= t0 + k * 0.01 - 1e-6 for k, t in enumerate(released))
+    # ... and the whole file takes about its duration (0.99 s from first to last; loose bound).
+    assert 0.98 <= span_s < 3.0
+
+
+def test_file_source_close_ends_the_iterator() -> None:
+    async def main() -> list[AudioChunk]:
+        source = FileSource(DEMO_VOICE, realtime=False)
+        first = [await source.__anext__() for _ in range(3)]
+        await source.aclose()
+        rest = await _collect(source)
+        return first + rest
+
+    assert len(_run(main())) == 3
+
+
+def test_file_source_errors_propagate(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"this is not a media file" * 10)
+    for path in (tmp_path / "missing.wav", garbage):
+        with pytest.raises(UnreadableMediaError, match=path.name):
+            _run(_collect(FileSource(path, realtime=False)))
+
+
+# ---------------------------------------------------------------------------------------------
+# PushSource
+
+
+def test_push_source_resamples_48k_stereo_int16_in_odd_pieces() -> None:
+    sr = 48000
+    tone = _sine(440, sr, sr, amplitude=0.3)  # 1 s
+    stereo = (np.stack([tone, tone], axis=1) * 32767).astype(np.int16)  # (n, 2)
+    rng = np.random.default_rng(1)
+
+    async def main() -> list[AudioChunk]:
+        source = PushSource()
+        i = 0
+        while i < sr:
+            n = int(rng.integers(1, 1500))
+            piece = stereo[i : i + n]
+            # alternate the two accepted shapes: (n, channels) and interleaved (n * channels,)
+            source.push_audio(piece if i % 2 else piece.reshape(-1), sr, channels=2)
+            i += n
+        assert 0.98 <= source.available_s <= 1.0
+        source.end_of_segment()
+        source.close()
+        return await _collect(source)
+
+    chunks = _run(main())
+    _assert_tiled(chunks)
+    assert chunks[-1].end_of_segment and not any(c.end_of_segment for c in chunks[:-1])
+    y = _valid_audio(chunks)
+    assert abs(y.size - 16000) <= 16  # 1 s at 16 kHz, give or take the resampler's rounding
+    assert abs(_peak_hz(y) - 440) <= 2
+    # Continuity across the pushes: no sample step larger than a 440 Hz sine can make
+    # (stereo is mixed at -3 dB per channel, as decode_audio does: amplitude 0.3 * sqrt(2)).
+    steady = y[200:-200]
+    max_step = 2 * np.pi * 440 / 16000 * 0.3 * math.sqrt(2)
+    assert np.abs(np.diff(steady)).max() <= max_step * 1.05
+
+
+def test_push_source_16k_mono_float_passes_through_and_flags_the_queued_tail() -> None:
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, 320).astype(np.float32)
+
+    async def main() -> list[AudioChunk]:
+        source = PushSource()
+        source.push_audio(x, SAMPLE_RATE_HZ)
+        source.end_of_segment()
+        source.end_of_segment()  # a second call without new audio is a no-op
+        source.close()
+        return await _collect(source)
+
+    chunks = _run(main())
+    _assert_tiled(chunks)
+    # 16 kHz mono goes through unchanged; the end flag lands on the still-queued last chunk
+    # instead of an extra padding chunk.
+    assert [(c.end_of_segment, c.valid_samples) for c in chunks] == [(False, 160), (True, 160)]
+    np.testing.assert_allclose(_valid_audio(chunks), x, atol=1e-6)
+
+
+def test_push_source_waits_without_pushes_and_wakes_from_another_thread() -> None:
+    async def main() -> tuple[AudioChunk, AudioChunk]:
+        source = PushSource()
+        # Nothing pushed: the iterator waits (no made-up silence).
+        waiter = asyncio.ensure_future(source.__anext__())
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), 0.05)
+        assert not waiter.done()
+        # A push from a foreign thread (a TTS callback) wakes the waiting consumer.
+        pcm = np.full(160, 0.1, np.float32)
+        pusher = threading.Thread(target=source.push_audio, args=(pcm, SAMPLE_RATE_HZ))
+        pusher.start()
+        first = await asyncio.wait_for(waiter, TIMEOUT_S)
+        pusher.join()
+        source.end_of_segment()  # everything was yielded: the flag comes on an all-padding chunk
+        marker = await asyncio.wait_for(source.__anext__(), TIMEOUT_S)
+        await source.aclose()
+        return first, marker
+
+    first, marker = _run(main())
+    assert first.pts_s == 0.0 and np.allclose(first.pcm, 0.1) and not first.end_of_segment
+    assert marker.end_of_segment and marker.valid_samples == 0 and marker.pts_s == 0.01
+    assert np.all(marker.pcm == 0)
+
+
+def test_push_source_clear_buffer_drops_queued_audio_and_ends_the_segment() -> None:
+    async def main() -> tuple[list[AudioChunk], float, float, list[AudioChunk]]:
+        source = PushSource()
+        source.push_audio(_sine(300, 32000, 16000), SAMPLE_RATE_HZ)  # 2 s
+        head = [await source.__anext__() for _ in range(50)]  # 0.5 s consumed
+        dropped_s = source.clear_buffer()
+        available_after_s = source.available_s
+        # A new turn after the barge-in.
+        source.push_audio(_sine(300, 1600, 16000), SAMPLE_RATE_HZ)
+        source.end_of_segment()
+        source.close()
+        return head, dropped_s, available_after_s, await _collect(source)
+
+    head, dropped_s, available_after_s, rest = _run(main())
+    assert dropped_s == pytest.approx(1.5, abs=0.002)
+    assert available_after_s == 0.0
+    # The interrupted segment is closed by an all-padding chunk, and pts go on without a gap.
+    assert rest[0].end_of_segment and rest[0].valid_samples == 0
+    _assert_tiled(head + rest)
+    assert len(rest) == 1 + 10 and rest[-1].end_of_segment
+
+
+def test_push_source_overflow_refuses_the_push_and_loses_nothing() -> None:
+    async def main() -> None:
+        source = PushSource(max_buffer_s=1.0)
+        source.push_audio(np.zeros(12800, np.int16), SAMPLE_RATE_HZ)  # 0.8 s
+        before_s = source.available_s
+        with pytest.raises(BufferError, match="max_buffer_s"):
+            source.push_audio(np.zeros(8000, np.int16), SAMPLE_RATE_HZ)  # + 0.5 s
+        assert source.available_s == before_s == 0.8
+        for _ in range(40):  # the consumer takes 0.4 s
+            await source.__anext__()
+        source.push_audio(np.zeros(8000, np.int16), SAMPLE_RATE_HZ)  # now it fits
+        assert source.available_s == pytest.approx(0.9)
+        await source.aclose()
+
+    _run(main())
+
+
+def test_push_source_rejects_bad_input_and_pushes_after_close() -> None:
+    source = PushSource()
+    with pytest.raises(TypeError, match="int16 or float"):
+        source.push_audio(np.zeros(160, np.int32), 16000)
+    with pytest.raises(ValueError, match="sample_rate_hz"):
+        source.push_audio(np.zeros(160, np.int16), 0)
+    with pytest.raises(ValueError, match="channels"):
+        source.push_audio(np.zeros(161, np.int16), 48000, channels=2)
+    with pytest.raises(ValueError, match="samples, channels"):
+        source.push_audio(np.zeros((160, 1), np.int16), 48000, channels=2)
+    with pytest.raises(ValueError, match="NaN"):
+        source.push_audio(np.full(160, np.nan, np.float32), 16000)
+    with pytest.raises(ValueError, match="max_buffer_s"):
+        PushSource(max_buffer_s=0)
+    assert source.available_s == 0.0
+    source.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        source.push_audio(np.zeros(160, np.int16), 16000)
+    assert _run(_collect(source)) == []
+
+
+def test_push_source_aclose_ends_now() -> None:
+    async def main() -> list[AudioChunk]:
+        source = PushSource()
+        source.push_audio(np.zeros(1600, np.float32), SAMPLE_RATE_HZ)
+        waiter = asyncio.ensure_future(_collect(source))
+        await asyncio.sleep(0)
+        await source.aclose()
+        return await asyncio.wait_for(waiter, TIMEOUT_S)
+
+    assert len(_run(main())) <= 10
+
+
+# ---------------------------------------------------------------------------------------------
+# TrackSource
+
+
+class SineTrack(AudioStreamTrack):
+    """An aiortc audio track: 48 kHz stereo s16, 20 ms frames of a sine, then it ends.
+
+    ``paced`` releases frames in real time (needed when sending over a peer connection).
+    """
+
+    def __init__(self, *, freq_hz: float, n_frames: int, paced: bool = False) -> None:
+        super().__init__()
+        self.freq_hz = freq_hz
+        self.n_frames = n_frames
+        self.paced = paced
+        self._sent = 0
+        self._t0: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self._sent >= self.n_frames or self.readyState != "live":
+            self.stop()
+            raise MediaStreamError
+        samples = 960  # 20 ms at 48 kHz
+        if self.paced:
+            self._t0 = self._t0 if self._t0 is not None else time.monotonic()
+            await asyncio.sleep(max(0.0, self._t0 + self._sent * 0.02 - time.monotonic()))
+        tone = _sine(self.freq_hz, samples, 48000, amplitude=0.3, phase_samples=self._sent * samples)
+        pcm = (np.stack([tone, tone], axis=1) * 32767).astype(np.int16).reshape(1, -1)  # (1, 2n)
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+        frame.sample_rate = 48000
+        frame.pts = self._sent * samples
+        frame.time_base = fractions.Fraction(1, 48000)
+        self._sent += 1
+        return frame
+
+
+def test_track_source_resamples_and_rechunks_an_aiortc_track() -> None:
+    track = SineTrack(freq_hz=500, n_frames=50)  # 1 s
+    chunks = _run(_collect(TrackSource(track)))
+    _assert_tiled(chunks)
+    assert chunks[-1].end_of_segment and not any(c.end_of_segment for c in chunks[:-1])
+    y = _valid_audio(chunks)
+    assert abs(y.size - 16000) <= 16
+    assert abs(_peak_hz(y) - 500) <= 2
+    steady = y[200:-200]
+    assert np.abs(np.diff(steady)).max() <= 2 * np.pi * 500 / 16000 * 0.3 * math.sqrt(2) * 1.05
+
+
+def test_track_source_refuses_a_video_track() -> None:
+    with pytest.raises(ValueError, match="audio track"):
+        TrackSource(VideoStreamTrack())
+
+
+def test_track_source_over_a_loopback_webrtc_connection() -> None:
+    """A remote track received over real WebRTC (Opus, 48 kHz stereo) feeds TrackSource."""
+
+    async def main() -> list[AudioChunk]:
+        sender, receiver = RTCPeerConnection(), RTCPeerConnection()
+        try:
+            sender.addTrack(SineTrack(freq_hz=440, n_frames=25, paced=True))  # 0.5 s
+            remote: asyncio.Future = asyncio.get_running_loop().create_future()
+            receiver.on("track", lambda track: remote.done() or remote.set_result(track))
+            await sender.setLocalDescription(await sender.createOffer())
+            await receiver.setRemoteDescription(sender.localDescription)
+            await receiver.setLocalDescription(await receiver.createAnswer())
+            await sender.setRemoteDescription(receiver.localDescription)
+            source = TrackSource(await asyncio.wait_for(remote, TIMEOUT_S))
+            chunks = [await asyncio.wait_for(source.__anext__(), TIMEOUT_S) for _ in range(40)]
+        finally:
+            await sender.close()
+            await receiver.close()
+        # Closing the connection ends the remote track: the source drains and stops.
+        chunks += await asyncio.wait_for(_collect(source), TIMEOUT_S)
+        return chunks
+
+    chunks = _run(main())
+    _assert_tiled(chunks)
+    assert chunks[-1].end_of_segment
+    steady = _valid_audio(chunks[10:40])  # past Opus's start-up
+    assert abs(_peak_hz(steady) - 440) <= 5
+
+
+# ---------------------------------------------------------------------------------------------
+# MicrophoneSource
+
+
+def _has_input_device() -> bool:
+    try:
+        import sounddevice
+
+        sounddevice.query_devices(kind="input")
+        return True
+    except Exception:  # OSError (no PortAudio) or PortAudioError (no device): none usable
+        return False
+
+
+def test_microphone_source_without_a_device_raises_a_clear_error() -> None:
+    if _has_input_device():
+        pytest.skip("an audio input device exists here; this test checks the error without one")
+    with pytest.raises(AudioDeviceUnavailable, match="no audio input device") as info:
+        MicrophoneSource()
+    assert isinstance(info.value, AvatarInputError)
+    with pytest.raises(AudioDeviceUnavailable, match="device 'no such microphone'"):
+        MicrophoneSource(device="no such microphone")
