@@ -70,10 +70,12 @@ class FrameGenerator:
         return feats[idx][None]  # (1, A, D)
 
     # -- one frame --
-    def frame(self, lm_moving: torch.Tensor, audio: torch.Tensor, *, warp_only: bool = False) -> np.ndarray:
+    def frame(self, lm_moving: torch.Tensor, audio: torch.Tensor, *, warp_only: bool = False, steps: int | None = None) -> np.ndarray:
         """Landmarks (K, 2) and audio tokens (1, A, D) -> the full output frame (H, W, 3) uint8.
 
         ``warp_only``: skip diffusion and show the portrait's latent warped to the landmarks (a baseline).
+        ``steps``: denoising steps for this frame (default ``self.steps``; the live pipeline lowers
+        it when it falls behind).
         """
         av = self.avatar
         s = av.crop_size_px
@@ -91,7 +93,7 @@ class FrameGenerator:
         def denoise(z: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
             return torch.from_numpy(self.g_den.infer({"z": z.numpy().astype(np.float32), "t": t.numpy().astype(np.float32), **c})["v"])
 
-        x0 = torch.from_numpy(reference) if warp_only else ddim_sample(denoise, self.noise, cond, steps=self.steps)
+        x0 = torch.from_numpy(reference) if warp_only else ddim_sample(denoise, self.noise, cond, steps=int(steps or self.steps))
         x0 = m_lat * x0 + (1 - m_lat) * av.latent  # repaint only the mask: the rest is the portrait's own latent
         self.previous = x0
         img = self.g_dec.infer({"z": x0.numpy().astype(np.float32)})["image"][0]  # (3, P, P) in about [-1, 1]
@@ -103,10 +105,25 @@ class FrameGenerator:
         region[px_mask > 0] = patch[px_mask > 0]  # generated pixels only where the mask is; paste_back does the blending
         mask = np.zeros((s, s), np.float32)
         mask[y0p : y0p + side, x0p : x0p + side] = px_mask
+        return self._with_blink(crop, mask)
+
+    def idle_frame(self) -> np.ndarray:
+        """The portrait as it is (mouth closed), blinking: no model runs. The next generated frame
+        starts afresh (no previous output), as at the start of an utterance."""
+        self.previous = None
+        av = self.avatar
+        s = av.crop_size_px
+        return self._with_blink(av.crop, np.zeros((s, s), np.float32))
+
+    def _with_blink(self, crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Advance the blink sampler one frame, close the lids if it says so, paste the crop back."""
+        av = self.avatar
         closure = self.blinks.next() if self.blinks is not None else 0.0
         if closure > 0.0:
-            crop, eye_mask = close_eyes(crop, av.landmarks * s, closure)
+            crop, eye_mask = close_eyes(crop, av.landmarks * av.crop_size_px, closure)
             mask = np.maximum(mask, eye_mask)
+        if not mask.any():
+            return av.image.copy()
         return paste_back(av.image, crop, av.affine, mask)
 
     def _match_colour(self, patch: np.ndarray, px_mask: np.ndarray) -> np.ndarray:

@@ -159,3 +159,23 @@ def log_mel(wave: np.ndarray, cfg: MelConfig = MelConfig()) -> np.ndarray:
     with torch.inference_mode():
         mel = _module(cfg)(torch.from_numpy(wave)[None])  # (1, n_mels, T)
     return np.ascontiguousarray(mel[0].T.numpy())  # (T, n_mels)
+
+
+def log_mel_valid(wave: np.ndarray, cfg: MelConfig = MelConfig()) -> np.ndarray:
+    """Log-mel of the frames that lie wholly inside ``wave`` (no padding): ``(T, n_mels)`` with
+    ``T = (N - win) // hop + 1`` and frame ``j`` centred at sample ``win // 2 + j * hop``.
+
+    For streaming: the rows equal :func:`log_mel`'s rows of a longer wave that contains this
+    excerpt (zero-pad the excerpt where it lies before the wave's start, as ``log_mel`` does).
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    half = cfg.win_samples // 2
+    if wave.ndim != 1 or len(wave) < 2 * half:
+        raise ValueError(f"log_mel_valid needs a 1-D wave of at least {2 * half} samples, got shape {wave.shape}")
+    with torch.inference_mode():
+        m = _module(cfg)
+        spec = F.conv1d(torch.from_numpy(wave)[None, None], m.basis, stride=cfg.hop_samples)  # (1, 2 * n_freqs, T)
+        real, imag = spec[:, : cfg.n_freqs], spec[:, cfg.n_freqs :]
+        mel = torch.matmul(m.mel_fb, real * real + imag * imag)  # (1, n_mels, T)
+        out = torch.log(torch.clamp(mel, min=cfg.log_floor))
+    return np.ascontiguousarray(out[0].T.numpy())  # (T, n_mels)

@@ -1,0 +1,430 @@
+"""The streaming pipeline: audio chunks in, frames of the talking portrait out, each frame carrying
+the audio of its own span (so a sink that plays them together is in sync by construction).
+
+One pipeline for live and offline (``avatar render`` runs it with a file source in fast mode):
+
+    source --(reader task)--> chunk queue --(ingest task: VAD, timeline)--> frame scheduler
+        --(one worker thread: audio features, A2L, denoiser steps, decoder, compositor)-->
+        bounded output queue --> ``async for frame in pipeline.frames()``
+
+Timeline and clock. Input audio is appended to a *timeline* (16 kHz); frame ``k`` of the timeline
+covers samples ``[k * 16000 / fps, (k + 1) * 16000 / fps)`` and is ready once the audio lookahead
+after it has arrived (``StreamingFeatures.need_samples``: 82.5 ms at 25 fps for the default
+bundle). Output frames are numbered by an output counter ``n``; ``pts_s = n / fps`` exactly.
+
+Real-time mode (``realtime=True``, live sources):
+- *Idle by the clock*: when the source has nothing (a voice agent between turns, after a
+  barge-in), an idle frame (the portrait, blinking; no model runs) goes out every frame period,
+  carrying silence. When audio comes back the timeline starts afresh (a new utterance).
+- *Tail*: when the source stops mid-utterance for ``idle_fill_ms``, the frames still waiting for
+  their lookahead are completed with silence.
+- *Silence inside a stream* (a microphone between words): VAD (with hangover) marks the frames;
+  silent frames are idle frames (audio features and A2L still run, so state stays continuous).
+- *Falling behind*: the audio-in to frame-out latency of every frame is measured; above the
+  budget, or with frames waiting, the denoiser gets fewer steps (down to ``min_steps``); with
+  more than ``max_backlog_frames`` waiting, frames are dropped (the last image is repeated with
+  its own audio, so A/V stays continuous); steps come back after ``recover_frames`` frames
+  within budget. All of it is counted in the metrics.
+- *Barge-in*: ``clear_buffer()`` drops the queued audio (the source's too) and frames not yet
+  taken; the next frame, within one period, is idle.
+
+Fast mode (``realtime=False``, offline): no clock, no degradation, every frame at full steps:
+the result depends only on the audio and the seed.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import numpy as np
+import torch
+
+from engine.avatar import Avatar
+from engine.errors import AvatarInputError
+from engine.generator import FrameGenerator
+from engine.pipeline.features import StreamingFeatures
+from engine.pipeline.metrics import PipelineMetrics
+from engine.pipeline.sources import CHUNK_SAMPLES, SAMPLE_RATE_HZ, AudioChunk, AudioSource
+from engine.pipeline.vad import Vad, VadConfig
+
+_END = object()  # end-of-stream sentinel in the queues
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    realtime: bool = True  # pace on the wall clock (idle frames, tail fill, degradation); False: offline, as fast as possible
+    steps: int | None = None  # denoising steps per frame (default: the bundle's)
+    min_steps: int = 1  # degradation never goes below this
+    latency_budget_ms: float = 150.0  # audio-in to frame-out latency above this makes the pipeline degrade
+    degrade: bool = True  # real time only: fewer steps, then dropped frames, when behind
+    max_backlog_frames: int = 3  # ready frames waiting beyond this are dropped
+    recover_frames: int = 25  # consecutive frames within budget before one step is given back
+    idle_fill_ms: float = 60.0  # a source this late completes the waiting frames with silence / starts idle frames
+    speech_pad_frames: int = 2  # a frame counts as speech if VAD heard speech within this many frames of it
+    vad: VadConfig = field(default_factory=VadConfig)
+    use_vad: bool = True  # False: every frame with audio is generated (no idle frames from silence)
+    out_queue_frames: int = 8  # output frames buffered for the consumer (backpressure beyond)
+    max_ahead_s: float = 2.0  # input audio read ahead of generation at most this much (push bursts, files)
+    seed: int = 0  # the generator's noise and blink seed
+    blinks: bool = True
+
+
+@dataclass
+class OutputFrame:
+    index: int  # output counter n
+    pts_s: float  # n / fps, exactly
+    image: np.ndarray  # (H, W, 3) uint8 RGB, the whole portrait
+    audio: np.ndarray  # (16000 / fps,) float32 at 16 kHz: the input audio of this frame's span (silence for idle frames)
+    kind: str  # "speech" (generated), "idle" (the portrait, blinking), "dropped" (the last image repeated)
+    steps: int  # denoising steps used (0 for idle and dropped frames)
+    audio_arrival_s: float | None  # monotonic time the audio at the frame's start arrived (None: idle by the clock)
+    emitted_s: float  # monotonic time the frame was handed out
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Audio in (the frame's first sample) to frame out."""
+        return None if self.audio_arrival_s is None else 1000.0 * (self.emitted_s - self.audio_arrival_s)
+
+
+class PipelineError(RuntimeError):
+    """A stage of the pipeline failed; the original exception is the cause."""
+
+
+class Pipeline:
+    """``async with Pipeline(runtime, avatar, config) as p: p.start(source); async for f in p.frames(): ...``"""
+
+    def __init__(self, runtime, avatar: Avatar, config: PipelineConfig = PipelineConfig(), *, metrics: PipelineMetrics | None = None):
+        self.runtime, self.avatar, self.config = runtime, avatar, config
+        self.fps = runtime.bundle.fps
+        if SAMPLE_RATE_HZ % self.fps:
+            raise ValueError(f"fps {self.fps} does not divide {SAMPLE_RATE_HZ} Hz into whole samples per frame")
+        self.frame_samples = SAMPLE_RATE_HZ // self.fps
+        self.metrics = metrics or PipelineMetrics()
+        self.gen = FrameGenerator(runtime, avatar, steps=config.steps, seed=config.seed, blinks=config.blinks)
+        self.full_steps = self.gen.steps
+        self.steps = self.full_steps  # current steps (degradation lowers it)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-gen")
+        self._chunks: asyncio.Queue = asyncio.Queue(maxsize=256)
+        self._out: asyncio.Queue = asyncio.Queue(maxsize=config.out_queue_frames)
+        self._wake = asyncio.Event()  # input arrived / the ingest wants attention
+        self._progress = asyncio.Event()  # a frame went out (the ingest may read further ahead)
+        self._tasks: set[asyncio.Task] = set()
+        self._source: AudioSource | None = None
+        self._error: BaseException | None = None
+        self._vad = Vad(config.vad)
+        probe = StreamingFeatures(runtime, fps=self.fps)
+        self._need = probe.need_samples  # samples frame k waits for
+        self.lookahead_ms = probe.lookahead_ms  # the audio lookahead: the latency floor before compute
+        self._closed = False
+        self._new_segment()
+        self._n_out = 0
+        self._last_image = avatar.image
+        self._good = 0
+        self.first_frame_s: float | None = None  # monotonic time of the first frame handed out
+        self.started_s: float | None = None
+
+    # -- the timeline of the current segment (event-loop side) --
+    def _new_segment(self) -> None:
+        self._epoch = getattr(self, "_epoch", -1) + 1
+        self._n_samples = 0  # samples in this segment's timeline
+        self._pending: list[np.ndarray] = []  # samples not yet handed to the worker
+        self._arrivals: deque[tuple[int, float]] = deque()  # (first sample of a chunk, arrival time)
+        self._speech: deque[tuple[int, bool]] = deque()  # (first sample of a chunk, VAD speaking)
+        self._audio: deque[tuple[int, np.ndarray]] = deque()  # (first sample, pcm) kept until emitted
+        self._k = 0  # next timeline frame to generate
+        self._ended = False  # the source ended (no more audio, ever)
+        self._reset_worker = True  # the worker starts fresh features, A2L state and previous output
+        self._real_samples = 0  # samples of the timeline that came from the source (not silence filled in)
+        self._last_input_s: float | None = None
+
+    # -- public API --
+    def start(self, source: AudioSource) -> None:
+        """Start reading ``source`` and generating. Call once."""
+        if self._source is not None:
+            raise RuntimeError("Pipeline.start() was already called")
+        self._source = source
+        loop = asyncio.get_running_loop()
+        self.started_s = loop.time()
+        for coro in (self._read(), self._run()):
+            t = asyncio.create_task(coro)
+            self._tasks.add(t)
+            t.add_done_callback(self._task_done)
+
+    async def frames(self) -> AsyncIterator[OutputFrame]:
+        """Every output frame in order; ends after the source ends; raises PipelineError if a stage failed."""
+        while True:
+            item = await self._out.get()
+            if item is _END:
+                if isinstance(self._error, AvatarInputError):  # bad input: the user's error, as it was raised
+                    raise self._error
+                if self._error is not None:
+                    raise PipelineError(f"pipeline stage failed: {type(self._error).__name__}: {self._error}") from self._error
+                return
+            item.emitted_s = asyncio.get_running_loop().time()
+            if self.first_frame_s is None:
+                self.first_frame_s = item.emitted_s
+            self.metrics.frame_out(item.emitted_s)
+            if item.latency_ms is not None:
+                self.metrics.stage("latency").observe(item.latency_ms)
+            self._progress.set()
+            yield item
+
+    def clear_buffer(self) -> float:
+        """Barge-in: drop queued input (the source's too) and frames not yet taken; the next frame
+        is idle. Returns the seconds of audio dropped."""
+        dropped = 0.0
+        clear = getattr(self._source, "clear_buffer", None)
+        if callable(clear):
+            dropped += clear()
+        while not self._chunks.empty():
+            item = self._chunks.get_nowait()
+            if item is _END:  # keep the end of the stream
+                self._chunks.put_nowait(_END)
+                break
+            dropped += CHUNK_SAMPLES / SAMPLE_RATE_HZ
+        dropped += max(0, self._n_samples - self._k * self.frame_samples) / SAMPLE_RATE_HZ
+        ended = self._ended
+        self._new_segment()
+        self._ended = ended
+        while not self._out.empty():
+            item = self._out.get_nowait()
+            if item is _END:
+                self._out.put_nowait(_END)
+                break
+        self._vad.reset()
+        self.steps = self.full_steps
+        self.metrics.counter("barge_ins").inc()
+        self._wake.set()
+        return dropped
+
+    async def aclose(self) -> None:
+        """Cancel and await every task, stop the worker, close the source."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._source is not None:
+            await self._source.aclose()
+
+    async def __aenter__(self) -> "Pipeline":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    # -- tasks --
+    def _task_done(self, t: asyncio.Task) -> None:
+        self._tasks.discard(t)
+        if t.cancelled():
+            return
+        e = t.exception()
+        if e is not None and self._error is None:
+            self._error = e
+            self._put_end_nowait()
+
+    def _put_end_nowait(self) -> None:
+        while True:
+            try:
+                self._out.put_nowait(_END)
+                return
+            except asyncio.QueueFull:
+                self._out.get_nowait()  # a failed pipeline's frames are not wanted; the error is
+
+    async def _read(self) -> None:
+        """The source, as fast as it gives, into the chunk queue (bounded)."""
+        assert self._source is not None
+        async for chunk in self._source:
+            await self._chunks.put((chunk, asyncio.get_running_loop().time()))
+            self._wake.set()
+        await self._chunks.put(_END)
+        self._wake.set()
+
+    def _ingest(self, chunk: AudioChunk, arrived_s: float) -> None:
+        if chunk.valid_samples == 0:  # an end-of-segment marker only
+            return
+        s = self._n_samples
+        speaking = self._vad.process(chunk) if self.config.use_vad else True
+        self._arrivals.append((s, arrived_s))
+        self._speech.append((s, speaking))
+        self._audio.append((s, chunk.pcm))
+        self._pending.append(chunk.pcm)
+        self._n_samples += CHUNK_SAMPLES
+        self._real_samples = self._n_samples
+        self._last_input_s = arrived_s
+
+    def _fill_silence(self, upto: int, now: float) -> None:
+        """Complete the timeline with silence up to sample ``upto`` (a tail whose source went quiet)."""
+        zeros = np.zeros(CHUNK_SAMPLES, np.float32)
+        while self._n_samples < upto:
+            s = self._n_samples
+            self._arrivals.append((s, now))
+            self._speech.append((s, False))
+            self._audio.append((s, zeros))
+            self._pending.append(zeros)
+            self._n_samples += CHUNK_SAMPLES
+
+    def _ready(self, k: int) -> bool:
+        if self._ended:
+            return k * self.frame_samples < self._n_samples
+        return self._n_samples >= self._need(k)
+
+    def _backlog(self) -> int:
+        """Frames ready beyond the next one."""
+        n, k = 0, self._k + 1
+        while self._ready(k):
+            n += 1
+            k += 1
+        return n
+
+    async def _run(self) -> None:
+        """Ingest input and schedule frames until the source ends and every frame is out."""
+        loop = asyncio.get_running_loop()
+        period = 1.0 / self.fps
+        next_idle = loop.time()  # when the next idle frame is due (real time, nothing to generate)
+        source_done = False
+        while True:
+            # 1. take whatever input has arrived (bounded read-ahead)
+            while not self._chunks.empty() and (self._n_samples - self._k * self.frame_samples) < self.config.max_ahead_s * SAMPLE_RATE_HZ:
+                item = self._chunks.get_nowait()
+                if item is _END:
+                    source_done = True
+                    self._ended = True
+                    break
+                self._ingest(*item)
+            now = loop.time()
+            # 2. a frame of the timeline is ready: generate it
+            if self._ready(self._k):
+                await self._emit_timeline_frame()
+                next_idle = loop.time() + period
+                continue
+            if source_done and self._ended and not self._ready(self._k):
+                await self._out.put(_END)
+                return
+            if self.config.realtime:
+                late = self._last_input_s is None or now - self._last_input_s > self.config.idle_fill_ms / 1000.0
+                has_tail = self._real_samples > self._k * self.frame_samples
+                if late and has_tail:  # 3. the source went quiet mid-utterance: complete the waiting frames with silence
+                    self._fill_silence(self._need(self._k), now)
+                    continue
+                if late and now >= next_idle:  # 4. nothing to say: an idle frame on the clock
+                    if self._n_samples:  # audio comes back later as a new utterance
+                        self._new_segment()
+                    image = await loop.run_in_executor(self._executor, self._idle_image)
+                    await self._emit(image, np.zeros(self.frame_samples, np.float32), "idle", 0, None)
+                    next_idle = max(next_idle + period, loop.time() - period)
+                    continue
+                timeout = max(0.0, min(next_idle - now, (self._last_input_s or now) + self.config.idle_fill_ms / 1000.0 - now)) + 1e-3
+            else:
+                timeout = None
+            self._wake.clear()
+            if self._chunks.empty():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _idle_image(self) -> np.ndarray:
+        """Worker thread: an idle frame on the clock (the source has nothing)."""
+        with self.metrics.time("idle"):
+            self._last_image = self.gen.idle_frame()
+            return self._last_image
+
+    async def _emit_timeline_frame(self) -> None:
+        """Generate (or drop) timeline frame k and put it out."""
+        k, epoch = self._k, self._epoch
+        lo, hi = k * self.frame_samples, (k + 1) * self.frame_samples
+        pending, self._pending = (np.concatenate(self._pending) if self._pending else np.zeros(0, np.float32)), []
+        reset, self._reset_worker = self._reset_worker, False
+        ended = self._ended
+        pad = self.config.speech_pad_frames * self.frame_samples
+        speaking = any(sp for s, sp in self._speech if lo - pad <= s < hi + pad)
+        arrival = next((t for s, t in self._arrivals if s <= lo < s + CHUNK_SAMPLES), None)
+        audio = self._frame_audio(lo, hi)
+        degrade = self.config.realtime and self.config.degrade
+        backlog = self._backlog() if degrade and not self._ended else 0  # an ended source's tail is ready at once: not "behind"
+        self.metrics.gauge("backlog_frames").set(backlog)
+        drop = degrade and backlog > self.config.max_backlog_frames
+        steps = self.steps
+        loop = asyncio.get_running_loop()
+        image, kind = await loop.run_in_executor(self._executor, self._work, k, pending, reset, ended, speaking, drop, steps)
+        if epoch != self._epoch:  # a barge-in happened meanwhile: this frame belongs to dropped audio
+            return
+        self._k = k + 1
+        while self._speech and self._speech[0][0] < lo - pad:
+            self._speech.popleft()
+        while self._arrivals and self._arrivals[0][0] + CHUNK_SAMPLES <= hi:
+            self._arrivals.popleft()
+        await self._emit(image, audio, kind, steps if kind == "speech" else 0, arrival)
+        if degrade and kind != "dropped":
+            self._adapt(arrival, backlog, kind)
+
+    def _frame_audio(self, lo: int, hi: int) -> np.ndarray:
+        while self._audio and self._audio[0][0] + CHUNK_SAMPLES <= lo:
+            self._audio.popleft()
+        parts = [pcm for s, pcm in self._audio if s < hi and s + CHUNK_SAMPLES > lo]
+        a = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        start = self._audio[0][0] if self._audio else lo
+        a = a[max(0, lo - start) : max(0, lo - start) + (hi - lo)]
+        return np.pad(a, (0, hi - lo - len(a))).astype(np.float32)
+
+    def _work(self, k: int, pending: np.ndarray, reset: bool, ended: bool, speaking: bool, drop: bool, steps: int) -> tuple[np.ndarray, str]:
+        """Worker thread: features and A2L for frame k, then the frame (generated, idle, or the last one repeated)."""
+        if reset:
+            self.features = StreamingFeatures(self.runtime, fps=self.fps)
+            self.gen.reset()
+        fe = self.features
+        if len(pending):
+            fe.push(pending)
+        if ended and not fe.ended:
+            fe.end()
+        t0 = time.perf_counter()
+        f = fe.feature(k)
+        lm = self.gen.landmarks(torch.from_numpy(f[None]))[0]  # (K, 2)
+        t1 = time.perf_counter()
+        self.metrics.stage("features").observe(1000.0 * (t1 - t0))
+        if drop:
+            self.metrics.counter("frames_dropped").inc()
+            return self._last_image, "dropped"
+        if not speaking:
+            self.metrics.counter("idle_frames").inc()
+            img = self.gen.idle_frame()
+            self.metrics.stage("idle").observe(1000.0 * (time.perf_counter() - t1))
+            self._last_image = img
+            return img, "idle"
+        img = self.gen.frame(lm, torch.from_numpy(fe.tokens(k, self.gen.den_cfg.audio_tokens)), steps=steps)
+        self.metrics.stage("generate").observe(1000.0 * (time.perf_counter() - t1))
+        if steps < self.full_steps:
+            self.metrics.counter("frames_degraded").inc()
+        self._last_image = img
+        return img, "speech"
+
+    async def _emit(self, image: np.ndarray, audio: np.ndarray, kind: str, steps: int, arrival: float | None) -> None:
+        fr = OutputFrame(self._n_out, self._n_out / self.fps, image, audio, kind, steps, arrival, 0.0)
+        self._n_out += 1
+        if kind == "idle" and arrival is None:
+            self.metrics.counter("idle_frames").inc()
+        self.metrics.gauge("out_queue_depth").set(self._out.qsize())
+        await self._out.put(fr)
+
+    def _adapt(self, arrival: float | None, backlog: int, kind: str) -> None:
+        """Fewer steps when behind, one step back after ``recover_frames`` frames within budget."""
+        if arrival is None or kind != "speech":
+            return
+        lat_ms = 1000.0 * (asyncio.get_running_loop().time() - arrival)
+        budget = self.config.latency_budget_ms
+        if lat_ms > budget or backlog >= 2:
+            self.steps = max(self.config.min_steps, self.steps - 1)
+            self._good = 0
+        elif lat_ms < 0.7 * budget and backlog == 0:
+            self._good += 1
+            if self._good >= self.config.recover_frames and self.steps < self.full_steps:
+                self.steps += 1
+                self._good = 0
+        self.metrics.gauge("steps").set(self.steps)

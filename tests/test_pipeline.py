@@ -1,0 +1,211 @@
+"""The streaming pipeline with real stages (a tiny random-weight bundle on the PyTorch runtime, the
+shipped demo portrait and voice, real sources): timestamps, A/V, idle frames, degradation,
+barge-in, errors. Every loop is bounded in frames and in time."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.audio import decode_audio
+from engine.avatar import load_portrait, prepare_avatar
+from engine.cli import DEMO
+from engine.pipeline.pipeline import OutputFrame, Pipeline, PipelineConfig, PipelineError
+from engine.pipeline.sources import FileSource, PushSource
+from engine.runtime import load_runtime
+from tests.tiny import tiny_bundle
+
+FPS = 25
+FRAME = 16000 // FPS
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    """(runtime, avatar, a 1.6 s excerpt of the demo voice as a wav file, its samples)."""
+    import wave
+
+    d = tmp_path_factory.mktemp("pipe")
+    rt = load_runtime(tiny_bundle(d / "b"), "torch", threads=1)
+    av = prepare_avatar(load_portrait(DEMO / "astronaut.jpg"), rt, crop_size_px=rt.bundle.crop_size_px)
+    x = decode_audio(DEMO / "demo_voice.wav", sample_rate_hz=16000)[4000 : 4000 + 25600 + 300]  # 1.619 s: a partial last frame
+    path = d / "speech.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((x * 32767).round().astype(np.int16).tobytes())
+    return rt, av, path, decode_audio(path, sample_rate_hz=16000)
+
+
+async def _collect(p: Pipeline, limit: int = 500, timeout_s: float = 60.0) -> list[OutputFrame]:
+    out = []
+
+    async def take():
+        async for f in p.frames():
+            out.append(f)
+            if len(out) >= limit:
+                return
+
+    await asyncio.wait_for(take(), timeout_s)
+    return out
+
+
+def _run(rt, av, source, config: PipelineConfig, **kw) -> tuple[list[OutputFrame], Pipeline]:
+    async def main():
+        async with Pipeline(rt, av, config) as p:
+            p.start(source)
+            return await _collect(p, **kw), p
+
+    return asyncio.run(main())
+
+
+def test_fast_mode_frames_timestamps_and_audio(rig):
+    rt, av, path, wave = rig
+    frames, p = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False))
+    assert len(frames) == int(np.ceil(len(wave) / FRAME))  # the last partial frame is kept
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert all(f.pts_s == f.index / FPS for f in frames)  # exact multiples of the frame period
+    assert all(f.image.shape == av.image.shape and f.image.dtype == np.uint8 for f in frames)
+    # A/V by construction: each frame carries its own span of the input, so the audio re-emitted
+    # alongside the frames IS the input, with offset 0 (not merely within a frame)
+    audio = np.concatenate([f.audio for f in frames])
+    np.testing.assert_array_equal(audio[: len(wave)], wave)
+    assert not audio[len(wave):].any()
+    kinds = {f.kind for f in frames}
+    assert "speech" in kinds and all(f.steps == rt.bundle.steps for f in frames if f.kind == "speech")
+    assert not p._tasks  # every task finished or was cancelled and awaited
+
+
+def test_paced_file_reproduces_the_offline_render_frame_for_frame(rig):
+    rt, av, path, wave = rig
+    offline, _ = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False))
+    no_degrade = PipelineConfig(realtime=True, degrade=False, blinks=False)
+    t0 = time.perf_counter()
+    live, p = _run(rt, av, FileSource(path, realtime=True), no_degrade)
+    wall = time.perf_counter() - t0
+    assert wall >= 0.9 * len(wave) / 16000  # it really was paced
+    while live and live[0].audio_arrival_s is None:  # idle frames on the clock before the file's first audio arrived
+        live.pop(0)
+    assert len(live) == len(offline)
+    for a, b in zip(offline, live):
+        assert a.kind == b.kind and a.steps == b.steps
+        np.testing.assert_array_equal(a.image, b.image)
+    lat = [f.latency_ms for f in live if f.latency_ms is not None]
+    assert lat and min(lat) >= p.lookahead_ms - 15  # no frame can come before its audio lookahead has arrived
+
+
+def test_silence_gives_idle_frames_that_are_the_portrait(rig, tmp_path: Path):
+    import wave
+
+    rt, av, _, _ = rig
+    path = tmp_path / "silence.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.zeros(16000, np.int16).tobytes())
+    frames, p = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False))
+    assert len(frames) == FPS and all(f.kind == "idle" and f.steps == 0 for f in frames)
+    assert all(np.array_equal(f.image, av.image) for f in frames)
+    assert p.metrics.counter("idle_frames").value == FPS
+    assert p.metrics.stage("generate").count == 0  # no model ran for them
+
+
+class _Slow:
+    """A real graph made slow on purpose (sleeps before each call): the pipeline must notice."""
+
+    def __init__(self, graph, delay_s: float):
+        self.g, self.delay_s = graph, delay_s
+        self.name, self.backend, self.precision = graph.name, graph.backend, graph.precision
+        self.input_names, self.output_names = graph.input_names, graph.output_names
+
+    def infer(self, feed):
+        time.sleep(self.delay_s)
+        return self.g.infer(feed)
+
+
+def test_slow_denoiser_degrades_and_latency_stays_bounded(rig):
+    rt, av, path, wave = rig
+    from dataclasses import replace
+
+    slow = replace(rt, graphs={**rt.graphs, "denoiser": _Slow(rt.graphs["denoiser"], 0.03)})  # 2 steps: 60 ms > the 40 ms period
+    cfg = PipelineConfig(realtime=True, latency_budget_ms=150.0, max_backlog_frames=3)
+    frames, p = _run(slow, av, FileSource(path, realtime=True), cfg)
+    snap = p.metrics.snapshot()["counters"]
+    assert snap["frames_degraded"] > 0
+    assert min(f.steps for f in frames if f.kind == "speech") == cfg.min_steps
+    lat = np.array([f.latency_ms for f in frames if f.latency_ms is not None])
+    # bounded: the last second is no worse than the first (no growing queue), and never runaway
+    half = len(lat) // 2
+    assert np.percentile(lat[half:], 90) <= np.percentile(lat[:half], 90) + 120
+    assert lat.max() < 1000
+    timeline = [f for f in frames if f.audio_arrival_s is not None]  # not the idle frames before the first audio arrived
+    assert len(timeline) == int(np.ceil(len(wave) / FRAME))  # degraded or dropped, every slot of the audio still has a frame
+
+
+def test_push_source_idle_on_the_clock_then_speech_then_barge_in(rig):
+    rt, av, _, wave = rig
+
+    async def main():
+        src = PushSource(max_buffer_s=30.0)
+        cfg = PipelineConfig(realtime=True, degrade=False, blinks=False)
+        async with Pipeline(rt, av, cfg) as p:
+            p.start(src)
+            it = p.frames().__aiter__()
+            idle = [await asyncio.wait_for(it.__anext__(), 1.0) for _ in range(5)]  # nothing pushed: idle on the clock
+            assert all(f.kind == "idle" and f.audio_arrival_s is None and not f.audio.any() for f in idle)
+            gaps = np.diff([f.emitted_s for f in idle])
+            assert gaps.mean() == pytest.approx(1 / FPS, abs=0.02)
+            src.push_audio(np.tile(wave, 3), 16000)  # ~4.9 s at once, as a TTS engine does
+            speech = []
+            for _ in range(60):
+                f = await asyncio.wait_for(it.__anext__(), 5.0)
+                speech.append(f)
+                if sum(g.kind == "speech" for g in speech) >= 10:
+                    break
+            assert any(f.kind == "speech" for f in speech)
+            t_clear = asyncio.get_running_loop().time()
+            dropped_s = p.clear_buffer()
+            assert dropped_s > 2.0 and src.available_s == 0
+            nxt = await asyncio.wait_for(it.__anext__(), 1.0)
+            assert nxt.kind == "idle"  # the face is idle again ...
+            assert nxt.emitted_s - t_clear < 2.5 / FPS  # ... within about one frame period
+            after = [await asyncio.wait_for(it.__anext__(), 1.0) for _ in range(5)]
+            assert all(f.kind == "idle" for f in after)
+            idx = [f.index for f in idle + speech + [nxt] + after]
+            assert idx == list(range(len(idx)))  # output timestamps stay continuous across the barge-in
+            assert p.metrics.counter("barge_ins").value == 1
+        assert not p._tasks
+
+    asyncio.run(main())
+
+
+class _Broken:
+    def __init__(self, graph):
+        self.name, self.backend, self.precision = graph.name, graph.backend, graph.precision
+        self.input_names, self.output_names = graph.input_names, graph.output_names
+
+    def infer(self, feed):
+        raise RuntimeError("the GPU fell off the bus")
+
+
+def test_a_crashed_stage_surfaces_in_the_caller(rig):
+    rt, av, path, _ = rig
+    from dataclasses import replace
+
+    broken = replace(rt, graphs={**rt.graphs, "denoiser": _Broken(rt.graphs["denoiser"])})
+    with pytest.raises(PipelineError, match="fell off the bus"):
+        _run(broken, av, FileSource(path, realtime=False), PipelineConfig(realtime=False))
+
+
+def test_bad_audio_file_raises_its_own_clear_error(rig, tmp_path: Path):
+    from engine.errors import UnreadableMediaError
+
+    rt, av, _, _ = rig
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all")
+    with pytest.raises(UnreadableMediaError, match="bad.wav"):
+        _run(rt, av, FileSource(bad, realtime=False), PipelineConfig(realtime=False))
