@@ -99,6 +99,29 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_live(a: argparse.Namespace) -> int:
+    from clients.live import run_live
+
+    snap = run_live(a.portrait, bundle=a.bundle, vcam=a.vcam, vcam_device=a.vcam_device, speaker=a.speaker, mic_device=a.mic,
+                    backend=a.backend, threads=a.threads, steps=a.steps)
+    if snap:
+        print(json.dumps({k: snap[k] for k in ("fps", "counters") if k in snap}))
+    return 0
+
+
+def _cmd_bench_pipeline(a: argparse.Namespace) -> int:
+    from benchmarks.pipeline import bench_pipeline
+
+    r = bench_pipeline(a.out, bundle=a.bundle, audio=a.audio, portrait=a.portrait, duration_s=a.duration, backend=a.backend,
+                       threads=a.threads, steps=a.steps, budget_ms=a.budget_ms)
+    lat = r["latency_ms"]
+    print(f"{r['audio_s']} s of {r['speech']} paced in real time: {r['sustained_fps']} fps sustained, latency p50 {lat['p50']} / "
+          f"p95 {lat['p95']} / p99 {lat['p99']} ms, first frame {r['first_frame_ms']} ms, frames {r['frame_kinds']}, "
+          f"degraded {r['degraded_frames']}, dropped {r['dropped_frames']}")
+    print(f"wrote {a.out} and {Path(a.out).with_suffix('.png')}")
+    return 0
+
+
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
                    help="what runs the models (default auto: ONNX Runtime when the bundle has exported graphs, else PyTorch)")
@@ -153,6 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
     p.add_argument("--out", required=True, help="output bundle folder: the source bundle's files, <graph>.onnx, export_report.json, a new manifest")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("live", help="microphone in, the talking portrait in a preview window or a virtual camera")
+    p.add_argument("--portrait", default=str(DEMO / "astronaut.jpg"), help="an image with one face (default: the shipped demo portrait)")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    p.add_argument("--vcam", action="store_true", help="send to a virtual camera (pyvirtualcam) instead of a preview window")
+    p.add_argument("--vcam-device", help="virtual camera device, e.g. /dev/video10 (default: the first one)")
+    p.add_argument("--speaker", action="store_true", help="also play the re-emitted audio, in sync with the frames")
+    p.add_argument("--mic", help="input device index or name (default: the system's default input)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's; fewer when it falls behind)")
+    _runtime_args(p)
+    p.set_defaults(func=_cmd_live)
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON (and a plot beside it)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    p = bsub.add_parser("pipeline", help="the live pipeline on a real speech file paced in real time: fps, latency, drops")
+    p.add_argument("--out", required=True, help="JSON report; the latency histogram goes beside it as .png")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    p.add_argument("--audio", help="speech file (default: 60 s of English from ../shared/data, else the demo voice looped)")
+    p.add_argument("--portrait", help="portrait (default: the shipped demo portrait)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of speech (the file is looped if shorter)")
+    p.add_argument("--steps", type=int, help="denoising steps at full quality (default: the bundle's)")
+    p.add_argument("--budget-ms", type=float, default=150.0, help="latency budget: above it the pipeline degrades")
+    _runtime_args(p)
+    p.set_defaults(func=_cmd_bench_pipeline)
 
     p = sub.add_parser("train", help="train one model from prepared shards (resumes from OUT/checkpoint.pt)")
     p.add_argument("model", choices=("autoencoder", "a2l", "denoiser", "sync"), help="which model")
