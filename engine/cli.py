@@ -122,6 +122,19 @@ def _cmd_bench_pipeline(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(a: argparse.Namespace) -> int:
+    from engine.training.distill_bundle import distill_bundle
+    from engine.training.loop import TrainingInterrupted
+
+    try:
+        info = distill_bundle(a.bundle, a.data, a.out, steps=a.steps, teacher_steps=a.teacher_steps, config=a.config)
+    except TrainingInterrupted as e:
+        print(f"avatar distill: {e}", file=sys.stderr)
+        return 3
+    print(f"wrote the bundle {info['bundle']} with the {a.steps}-step student as its denoiser (rounds: {info['rounds']})")
+    return 0
+
+
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
                    help="what runs the models (default auto: ONNX Runtime when the bundle has exported graphs, else PyTorch)")
@@ -200,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-ms", type=float, default=150.0, help="latency budget: above it the pipeline degrades")
     _runtime_args(p)
     p.set_defaults(func=_cmd_bench_pipeline)
+
+    p = sub.add_parser("distill", help="progressive distillation of a bundle's denoiser to fewer steps; writes a new bundle")
+    p.add_argument("--bundle", help="teacher bundle (default: the shipped bundle)")
+    p.add_argument("--data", nargs="+", required=True, help="folders written by `avatar prepare` (the teacher's training data)")
+    p.add_argument("--out", required=True, help="run folder: one sub-folder per round (resumable) and OUT/bundle, the student bundle")
+    p.add_argument("--steps", type=int, default=2, help="steps of the student that becomes the bundle's denoiser (a power of two)")
+    p.add_argument("--teacher-steps", type=int, default=8, help="the teacher's DDIM steps; each round halves them")
+    p.add_argument("--config", help='JSON {"train": {...}, "options": {...}} per round (default: configs/cpu_small/distill.json)')
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("train", help="train one model from prepared shards (resumes from OUT/checkpoint.pt)")
     p.add_argument("model", choices=("autoencoder", "a2l", "denoiser", "sync"), help="which model")
