@@ -69,15 +69,24 @@ def _cmd_render(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    import torch
-
     from engine.bundle import load_bundle
-    from engine.eval.selfrecon import evaluate_selfrecon
+    from engine.eval.selfrecon import evaluate_selfrecon, prepare_eval_clips
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    rep = evaluate_selfrecon(load_bundle(a.bundle), a.data, a.out, max_frames=a.max_frames, steps=a.steps, seed=a.seed,
-                             backend=a.backend, threads=a.threads)
+    if not a.data and not a.clips:
+        raise ValueError("give --clips DIR (raw clips; the held-out ones are prepared) or --data DIR.. (prepared folders)")
+    data = list(a.data or [])
+    if a.clips:
+        data.append(str(prepare_eval_clips(a.clips, Path(a.out) / "prepared")))
+    variants = {}
+    for v in a.variant or []:
+        name, _, rest = v.partition("=")
+        path, _, steps = rest.partition(":")
+        if not name or not path:
+            raise ValueError(f"--variant {v!r}: expected NAME=BUNDLE[:STEPS]")
+        variants[name] = (load_bundle(path), int(steps) if steps else None)
+    evaluate_selfrecon(load_bundle(a.bundle), data, a.out, max_frames=a.max_frames, steps=a.steps, seed=a.seed,
+                       backend=a.backend, threads=a.threads, variants=variants, drift_seconds=a.drift_seconds,
+                       cross_identity=not a.no_cross_identity)
     print((Path(a.out) / "report.md").read_text())
     return 0
 
@@ -176,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_render)
 
     p = sub.add_parser("eval", help="held-out self-reconstruction report (JSON, Markdown, PNG strips)")
-    p.add_argument("--data", nargs="+", required=True, help="folders written by `avatar prepare` holding the held-out clips")
+    p.add_argument("--clips", help="folder of raw clips (e.g. ../shared/data/clips): the held-out ones are prepared into OUT/prepared")
+    p.add_argument("--data", nargs="+", help="folders written by `avatar prepare` holding the held-out clips (instead of --clips)")
     p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--variant", action="append", help="another generator in the same table: NAME=BUNDLE[:STEPS] (repeatable)")
+    p.add_argument("--drift-seconds", type=float, default=60.0, help="length of the identity-drift render (0: skip)")
+    p.add_argument("--no-cross-identity", action="store_true", help="skip cross-identity driving")
     p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
     p.add_argument("--max-frames", type=int, default=100, help="frames evaluated per held-out segment")
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")

@@ -40,3 +40,31 @@ def test_eval_writes_report_with_baselines(heldout_shards, tmp_path):
     assert json.loads((tmp_path / "r" / "report.json").read_text())["summary"] == rep["summary"]
     assert "| ours |" in (tmp_path / "r" / "report.md").read_text()
     assert len(list((tmp_path / "r").glob("strip_*.png"))) == 1
+
+
+def test_eval_variants_full_frame_jitter_and_drift(heldout_shards, tmp_path):
+    from engine.bundle import load_bundle
+    from engine.eval.selfrecon import evaluate_selfrecon
+
+    b = load_bundle(tiny_bundle(tmp_path / "b"))
+    other = load_bundle(tiny_bundle(tmp_path / "b2", seed=1))
+    rep = evaluate_selfrecon(b, [str(heldout_shards)], tmp_path / "r", max_frames=12, lpips=True, variants={"student1": (other, 1)},
+                             drift_seconds=1.0)
+    assert set(rep["summary"]) == {"ours", "student1", "warp_only", "static_portrait", "ground_truth"}
+    assert rep["steps"] == {"ours": 2, "student1": 1}
+    ours = rep["summary"]["ours"]
+    for k in ("psnr_full_db", "ssim_full", "lpips_full", "lpips_lower_face", "mouth_jitter_px"):
+        assert k in ours, k
+    assert rep["summary"]["static_portrait"]["mouth_jitter_px"] < rep["summary"]["ground_truth"]["mouth_jitter_px"]  # a still image barely jitters
+    drift = rep["identity_drift"]
+    assert set(drift) >= {"ours", "student1"} and drift["ours"]["lpips_to_portrait_first_5s"] >= 0
+    assert "cross_identity" not in rep  # one held-out segment: nobody else's audio
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| student1 | 1 |" in md and "Identity drift" in md
+
+
+def test_eval_cli_needs_clips_or_data(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["eval", "--out", str(tmp_path / "r")]) == 2
+    assert "--clips" in capsys.readouterr().err

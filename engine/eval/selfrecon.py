@@ -8,8 +8,14 @@ Protocol (one per held-out segment of the recorded split, engine/data/splits.jso
     SSIM and PSNR inside the lower-face mask, LPIPS on the patch, the lip-landmark error
     (MediaPipe on the generated crops, pixels at 256), and the sync expert's offset and LSE-C for
     the generated video beside ground truth's own;
-  - baselines in the same table: the static portrait, and warp-only (the portrait's latent warped
-    to the A2L landmarks and decoded, no diffusion).
+  - also on the whole 256 px crop: PSNR, SSIM and LPIPS; mouth temporal jitter (mean second
+    difference of MediaPipe's lip landmarks, px) beside ground truth's own;
+  - baselines in the same table: the static portrait, warp-only (the portrait's latent warped
+    to the A2L landmarks and decoded, no diffusion), and any further generators given as
+    variants (the teacher at full steps, students at 4, 2 and 1 steps);
+  - cross-identity driving: the portrait of one held-out person with another's audio, sync only;
+  - identity drift: one long render (the held-out audio looped), LPIPS of the lower face to the
+    portrait over the first and the last 5 s.
 The ground truth moves its head while the portrait does not, so every method pays the same pose
 penalty; compare methods with each other, not with reconstruction numbers of other papers.
 """
@@ -36,30 +42,13 @@ METHODS = ("ours", "warp_only", "static_portrait")
 
 
 def _t(patches: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(patches, dtype=np.float32)).permute(0, 3, 1, 2).div(127.5).sub(1.0)
 
 
 def _masked_ssim(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     m = ssim_map(a, b)  # (B, 3, H - 10, W - 10): valid region of the 11 px window
     wc = w[:, :, 5:-5, 5:-5].expand_as(m)
     return (m * wc).sum(dim=(1, 2, 3)) / wc.sum(dim=(1, 2, 3)).clamp_min(1e-8)
-
-
-def _lip_error(crops: np.ndarray, gt_lm_px: np.ndarray) -> tuple[float, float]:
-    """Mean lip-landmark distance (px) of MediaPipe on ``crops`` against ground truth, and the detection rate."""
-    from engine.face.landmarks import FaceOptions, FaceTracker
-
-    lips = index_sets()["lips"]
-    errs = []
-    with FaceTracker(FaceOptions(min_face_px=32)) as tr:
-        for c, g in zip(crops, gt_lm_px):
-            try:
-                pts = tr.track(c)
-            except Exception:  # a frame where no face is found counts as a miss, not as an error
-                pts = None
-            if pts is not None:
-                errs.append(float(np.linalg.norm(pts[lips, :2] - g[lips], axis=1).mean()))
-    return (float(np.mean(errs)) if errs else float("nan")), len(errs) / max(len(crops), 1)
 
 
 def _strip(rows: list[tuple[str, np.ndarray]], frames: list[int], path: Path) -> None:
@@ -74,10 +63,15 @@ def _strip(rows: list[tuple[str, np.ndarray]], frames: list[int], path: Path) ->
 
 @torch.no_grad()
 def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path, *, max_frames: int = 100, steps: int | None = None,
-                       seed: int = 0, lpips: bool = True, backend: str = "auto", threads: int | None = None) -> dict:
-    rt = load_runtime(bundle, backend, threads=threads)
+                       seed: int = 0, lpips: bool = True, backend: str = "auto", threads: int | None = None,
+                       variants: dict[str, tuple[Bundle, int | None]] | None = None, drift_seconds: float = 60.0,
+                       cross_identity: bool = True) -> dict:
+    """The protocol of the module docstring. ``variants``: further generators in the same table,
+    name -> (bundle, steps) (e.g. the teacher at 8 steps, students at 4, 2, 1)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    runs = {"ours": (bundle, steps), **(variants or {})}
+    rts = {name: load_runtime(b, backend, threads=threads) for name, (b, _) in runs.items()}
     store = FrameStore(data_dirs, split="eval")
     s = store.crop_size_px
     lp = None
@@ -92,63 +86,184 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
     from engine.models.sync import mouth_from_patches
     from engine.eval.sync_metric import sync_scores
 
+    def _lp(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(torch.cat([lp(x[i:i + 16], y[i:i + 16]) for i in range(0, len(x), 16)]).mean())
+
+    def _sync(patches: np.ndarray, mel: np.ndarray, mel_index: np.ndarray) -> dict[str, float]:
+        n = len(patches)
+        if sync is None or n < 2 * 15 + sync.config.frames:
+            return {}
+        sc = sync_scores(sync, mouth_from_patches(np.ascontiguousarray(patches), sync.config), mel, mel_index[:n])
+        return {"sync_offset_frames": sc["offset_frames"], "sync_abs_offset_frames": abs(sc["offset_frames"]),
+                "sync_lse_d": sc["lse_d"], "sync_lse_c": sc["lse_c"]}
+
+    def _avatar(name: str, crop: np.ndarray, lm: np.ndarray) -> Avatar:
+        return Avatar(crop, np.array([[1.0, 0, 0], [0, 1.0, 0]]), crop, lm, encode_patch(rts[name], extract_patch(crop)), [])
+
+    def _generate(name: str, avatar: Avatar, mel: np.ndarray, mel_index: np.ndarray, n: int, *, warp_only: bool = False) -> np.ndarray:
+        gen = FrameGenerator(rts[name], avatar, steps=runs[name][1], seed=seed, blinks=False)  # ground truth blinks when it will
+        feats = gen.audio_features_from_mel(mel, mel_index)
+        lms = gen.landmarks(feats)
+        return np.stack([gen.frame(lms[f], gen.audio_tokens(feats, f), warp_only=warp_only) for f in range(n)])
+
     t0 = time.perf_counter()
     per_seg = []
-    totals: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS + ("ground_truth",)}
+    methods = (*runs, "warp_only", "static_portrait")
+    totals: dict[str, dict[str, list[float]]] = {m: {} for m in methods + ("ground_truth",)}
+    segs = []
     for seg_i in store.audio_segments():
         seg = store.segments[seg_i]
         n = min(seg.length - 1, max_frames)
         if n < 10:
             continue
+        segs.append((seg_i, n))
         crops = np.load(Path(_shard_dir(data_dirs, seg.name)) / "crops.npy", mmap_mode="r")
         r = seg.length - 1  # the portrait: the segment's last frame
         crop_r = np.ascontiguousarray(crops[r])
         lm_r = store.landmarks[seg.start + r]
-        patch_r = extract_patch(crop_r)
-        avatar = Avatar(crop_r, np.array([[1.0, 0, 0], [0, 1.0, 0]]), crop_r, lm_r, encode_patch(rt, patch_r), [])
-        gen = FrameGenerator(rt, avatar, steps=steps, seed=seed, blinks=False)  # ground truth blinks when it will
-        feats = gen.audio_features_from_mel(seg.mel, seg.mel_index)
-        lms = gen.landmarks(feats)
-        outs = {"ours": [], "warp_only": []}
-        for f in range(n):
-            outs["ours"].append(gen.frame(lms[f], gen.audio_tokens(feats, f)))
-        gen.reset()
-        for f in range(n):
-            outs["warp_only"].append(gen.frame(lms[f], gen.audio_tokens(feats, f), warp_only=True))
+        result_crops = {name: _generate(name, _avatar(name, crop_r, lm_r), seg.mel, seg.mel_index, n) for name in runs}
+        result_crops["warp_only"] = _generate("ours", _avatar("ours", crop_r, lm_r), seg.mel, seg.mel_index, n, warp_only=True)
+        result_crops["static_portrait"] = np.repeat(crop_r[None], n, axis=0)
         gt_crops = np.asarray(crops[:n])
-        result_crops = {"ours": np.stack(outs["ours"]), "warp_only": np.stack(outs["warp_only"]),
-                        "static_portrait": np.repeat(crop_r[None], n, axis=0), "ground_truth": gt_crops}
-        gt_p = _t(extract_patch(gt_crops))
+        result_crops["ground_truth"] = gt_crops
+        gt_p, gt_full = _t(extract_patch(gt_crops)), _t(gt_crops)
+        gt_lm = store.landmarks[seg.start:seg.start + n] * s
         w = torch.from_numpy(np.stack([patch_mask(store.landmarks[seg.start + f] * s, s) for f in range(n)]))[:, None]
         row = {"segment": seg.name, "frames": n}
-        for m, cr in result_crops.items():
+        gt_jitter = None
+        for m in ("ground_truth",) + methods:
+            cr = result_crops[m]
             pt = extract_patch(cr)
             met: dict[str, float] = {}
-            if m != "ground_truth":
-                x = _t(pt)
+            lips = _lip_track(cr)
+            jit = _jitter(lips)
+            if m == "ground_truth":
+                gt_jitter = jit
+                met["mouth_jitter_px"] = jit
+            else:
+                x, xf = _t(pt), _t(cr)
                 met["ssim_lower_face"] = float(_masked_ssim(x, gt_p, w).mean())
                 met["psnr_lower_face_db"] = float(psnr(x, gt_p, weight=w).mean())
+                met["psnr_full_db"] = float(psnr(xf, gt_full).mean())
+                met["ssim_full"] = float(ssim_map(xf, gt_full).mean())
                 if lp is not None:
-                    met["lpips_lower_face"] = float(torch.cat([lp(x[i:i + 16], gt_p[i:i + 16]) for i in range(0, n, 16)]).mean())
-                met["lip_landmark_error_px"], met["face_found_rate"] = _lip_error(cr, store.landmarks[seg.start:seg.start + n] * s)
-            if sync is not None and n >= 2 * 15 + sync.config.frames:
-                sc = sync_scores(sync, mouth_from_patches(np.ascontiguousarray(pt), sync.config), seg.mel, seg.mel_index[:n])
-                met["sync_offset_frames"], met["sync_lse_d"], met["sync_lse_c"] = sc["offset_frames"], sc["lse_d"], sc["lse_c"]
-                met["sync_abs_offset_frames"] = abs(sc["offset_frames"])
+                    met["lpips_lower_face"] = _lp(x, gt_p)
+                    met["lpips_full"] = _lp(xf, gt_full)
+                met["lip_landmark_error_px"], met["face_found_rate"] = _lip_error_from(lips, gt_lm)
+                met["mouth_jitter_px"] = jit
+                if gt_jitter:
+                    met["mouth_jitter_vs_gt"] = jit / gt_jitter
+            met.update(_sync(pt, seg.mel, seg.mel_index))
             row[m] = met
             for k, v in met.items():
                 totals[m].setdefault(k, []).append(v)
         per_seg.append(row)
-        _strip([("ground truth", extract_patch(gt_crops)), ("ours", extract_patch(result_crops["ours"])),
-                ("warp only", extract_patch(result_crops["warp_only"])), ("static", extract_patch(result_crops["static_portrait"]))],
+        _strip([("ground truth", extract_patch(gt_crops))] + [(m.replace("_", " "), extract_patch(result_crops[m])) for m in methods],
                list(np.linspace(0, n - 1, 8).astype(int)), out / f"strip_{seg.name}.png")
-        print(f"eval {seg.name}: " + ", ".join(f"{m} {row[m].get('lpips_lower_face', row[m].get('ssim_lower_face', 0)):.3f}" for m in METHODS))
+        print(f"eval {seg.name}: " + ", ".join(f"{m} {row[m].get('lpips_lower_face', row[m].get('ssim_lower_face', 0)):.3f}" for m in methods))
     summary = {m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in totals.items()}
-    report = {"protocol": __doc__.strip().splitlines()[0], "runtime": rt.describe(), "steps": steps or bundle.steps, "seed": seed, "max_frames": max_frames,
-              "lpips": getattr(lp, "name", None), "wall_s": round(time.perf_counter() - t0, 1), "summary": summary, "segments": per_seg}
+    report = {"protocol": __doc__.strip().splitlines()[0], "runtime": {n: rt.describe() for n, rt in rts.items()},
+              "steps": {n: (st or b.steps) for n, (b, st) in runs.items()}, "seed": seed, "max_frames": max_frames,
+              "lpips": getattr(lp, "name", None), "summary": summary, "segments": per_seg}
+    if cross_identity and len(segs) >= 2:
+        report["cross_identity"] = _cross_identity(store, data_dirs, segs, runs, _avatar, _generate, _sync)
+    if drift_seconds > 0 and segs and lp is not None:
+        report["identity_drift"] = _identity_drift(store, data_dirs, segs[0][0], runs, _avatar, rts, seed, drift_seconds, lp)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(_markdown(report))
     return report
+
+
+def _lip_track(crops: np.ndarray) -> list[np.ndarray | None]:
+    """MediaPipe lip landmarks (px) per crop, None where no face is found."""
+    from engine.face.landmarks import FaceOptions, FaceTracker
+
+    lips = index_sets()["lips"]
+    out: list[np.ndarray | None] = []
+    with FaceTracker(FaceOptions(min_face_px=32)) as tr:
+        for c in crops:
+            try:
+                pts = tr.track(np.ascontiguousarray(c))
+            except Exception:  # a frame where no face is found counts as a miss, not as an error
+                pts = None
+            out.append(None if pts is None else pts[lips, :2])
+    return out
+
+
+def _lip_error_from(lips: list[np.ndarray | None], gt_lm_px: np.ndarray) -> tuple[float, float]:
+    idx = index_sets()["lips"]
+    errs = [float(np.linalg.norm(p - g[idx], axis=1).mean()) for p, g in zip(lips, gt_lm_px) if p is not None]
+    return (float(np.mean(errs)) if errs else float("nan")), len(errs) / max(len(lips), 1)
+
+
+def _jitter(lips: list[np.ndarray | None]) -> float:
+    """Mouth temporal jitter: mean |second difference| of the lip landmarks over consecutive found frames (px)."""
+    acc = [np.linalg.norm(a - 2 * b + c, axis=1).mean() for a, b, c in zip(lips, lips[1:], lips[2:])
+           if a is not None and b is not None and c is not None]
+    return float(np.mean(acc)) if acc else float("nan")
+
+
+def _cross_identity(store, data_dirs, segs, runs, _avatar, _generate, _sync) -> dict:
+    """Portrait of held-out segment i driven by the audio of segment i + 1 (another person): sync only."""
+    rows, totals = [], {m: [] for m in runs}
+    for (seg_i, n), (seg_j, n_j) in zip(segs, segs[1:] + segs[:1]):
+        a, b = store.segments[seg_i], store.segments[seg_j]
+        crops = np.load(Path(_shard_dir(data_dirs, a.name)) / "crops.npy", mmap_mode="r")
+        crop_r = np.ascontiguousarray(crops[a.length - 1])
+        lm_r = store.landmarks[a.start + a.length - 1]
+        m_n = min(n_j, b.length - 1)
+        row = {"portrait": a.name, "audio": b.name}
+        for m in runs:
+            cr = _generate(m, _avatar(m, crop_r, lm_r), b.mel, b.mel_index, m_n)
+            row[m] = _sync(extract_patch(cr), b.mel, b.mel_index)
+            if row[m]:
+                totals[m].append(row[m])
+        rows.append(row)
+    summary = {m: {k: float(np.mean([r[k] for r in v])) for k in v[0]} for m, v in totals.items() if v}
+    return {"summary": summary, "pairs": rows}
+
+
+def _identity_drift(store, data_dirs, seg_i, runs, _avatar, rts, seed, seconds, lp) -> dict:
+    """One long render per generator: a held-out portrait, the held-out audio looped to ``seconds``;
+    LPIPS of the lower-face patch to the portrait's over the first and the last 5 s."""
+    seg = store.segments[seg_i]
+    crops = np.load(Path(_shard_dir(data_dirs, seg.name)) / "crops.npy", mmap_mode="r")
+    crop_r = np.ascontiguousarray(crops[seg.length - 1])
+    lm_r = store.landmarks[seg.start + seg.length - 1]
+    ref = _t(extract_patch(crop_r)[None])
+    fps = 25
+    n = int(seconds * fps)
+    win = min(5 * fps, n // 2)
+    out = {"seconds": seconds, "portrait": seg.name}
+    for m, (b, steps) in runs.items():
+        gen = FrameGenerator(rts[m], _avatar(m, crop_r, lm_r), steps=steps, seed=seed, blinks=False)
+        feats = gen.audio_features_from_mel(seg.mel, seg.mel_index)  # (F, D), looped below
+        reps = int(np.ceil(n / len(feats)))
+        feats = torch.cat([feats] * reps)[:n]
+        lms = gen.landmarks(feats)
+        d = []
+        for f in range(n):
+            img = gen.frame(lms[f], gen.audio_tokens(feats, f))
+            if f < win or f >= n - win:
+                d.append(float(lp(_t(extract_patch(img)[None]), ref)))
+        out[m] = {"window_frames": win, "lpips_to_portrait_first_5s": float(np.mean(d[:win])), "lpips_to_portrait_last_5s": float(np.mean(d[win:])),
+                  "ratio": float(np.mean(d[win:]) / max(np.mean(d[:win]), 1e-9))}
+    return out
+
+
+def prepare_eval_clips(clips_dir: str | Path, out_dir: str | Path, *, jobs: int = 2) -> Path:
+    """Prepare only the held-out clips (engine/data/splits.json) found under ``clips_dir`` into
+    ``out_dir`` (resumable: prepared clips are skipped); returns ``out_dir``."""
+    from engine.data.prepare import PrepareConfig, find_videos, prepare
+    from engine.data.splits import eval_clips
+
+    want = eval_clips()
+    found = [p for p in find_videos([Path(clips_dir)]) if p.stem in want]
+    if not found:
+        raise FileNotFoundError(f"{clips_dir}: none of the held-out clips {sorted(want)} is there")
+    prepare(found, Path(out_dir), PrepareConfig(), jobs=jobs, progress=False)
+    return Path(out_dir)
 
 
 def _shard_dir(data_dirs: list[str], segment: str) -> Path:
@@ -160,10 +275,27 @@ def _shard_dir(data_dirs: list[str], segment: str) -> Path:
 
 
 def _markdown(rep: dict) -> str:
-    keys = ["lpips_lower_face", "ssim_lower_face", "psnr_lower_face_db", "lip_landmark_error_px", "sync_abs_offset_frames", "sync_lse_c"]
-    lines = [f"# Held-out self-reconstruction ({rep['steps']} steps, seed {rep['seed']}, up to {rep['max_frames']} frames per segment)", "",
+    keys = ["lpips_lower_face", "ssim_lower_face", "psnr_lower_face_db", "lpips_full", "psnr_full_db", "lip_landmark_error_px",
+            "mouth_jitter_vs_gt", "sync_abs_offset_frames", "sync_lse_c"]
+    head = "| method | steps | " + " | ".join(keys) + " |"
+    lines = [f"# Held-out self-reconstruction (seed {rep['seed']}, up to {rep['max_frames']} frames per segment)", "",
              f"LPIPS: {rep['lpips'] or 'not available'}. Mean over {len(rep['segments'])} held-out segments.", "",
-             "| method | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+             head, "|" + " --- |" * (len(keys) + 2)]
     for m, d in rep["summary"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{d[k]:.3f}" if k in d else "-" for k in keys) + " |")
+        st = rep["steps"].get(m, "-")
+        lines.append(f"| {m} | {st} | " + " | ".join(f"{d[k]:.3f}" if k in d else "-" for k in keys) + " |")
+    ci = rep.get("cross_identity")
+    if ci:
+        lines += ["", "## Cross-identity driving (portrait of one held-out person, audio of another): sync only", "",
+                  "| method | sync abs offset | LSE-C |", "| --- | --- | --- |"]
+        for m, d in ci["summary"].items():
+            lines.append(f"| {m} | {d.get('sync_abs_offset_frames', float('nan')):.2f} | {d.get('sync_lse_c', float('nan')):.3f} |")
+    dr = rep.get("identity_drift")
+    if dr:
+        lines += ["", f"## Identity drift over a {dr['seconds']:.0f} s render (LPIPS of the lower face to the portrait)", "",
+                  "| method | first 5 s | last 5 s | ratio |", "| --- | --- | --- | --- |"]
+        for m, d in dr.items():
+            if isinstance(d, dict):
+                lines.append(f"| {m} | {d['lpips_to_portrait_first_5s']:.3f} | {d['lpips_to_portrait_last_5s']:.3f} | {d['ratio']:.2f} |")
+    lines += ["", f"Wall time {rep.get('wall_s', 0)} s."]
     return "\n".join(lines) + "\n"
