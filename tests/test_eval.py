@@ -57,7 +57,7 @@ def test_eval_variants_full_frame_jitter_and_drift(heldout_shards, tmp_path):
         assert k in ours, k
     assert rep["summary"]["static_portrait"]["mouth_jitter_px"] < rep["summary"]["ground_truth"]["mouth_jitter_px"]  # a still image barely jitters
     drift = rep["identity_drift"]
-    assert set(drift) >= {"ours", "student1"} and drift["ours"]["lpips_to_portrait_first_5s"] >= 0
+    assert "ours" in drift and "student1" not in drift and drift["ours"]["lpips_to_portrait_first_5s"] >= 0
     assert "cross_identity" not in rep  # one held-out segment: nobody else's audio
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| student1 | 1 |" in md and "Identity drift" in md

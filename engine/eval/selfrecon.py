@@ -224,8 +224,8 @@ def _cross_identity(store, data_dirs, segs, runs, _avatar, _generate, _sync) -> 
     return {"summary": summary, "pairs": rows}
 
 
-def _identity_drift(store, data_dirs, seg_i, runs, _avatar, rts, seed, seconds, lp) -> dict:
-    """One long render per generator: a held-out portrait, the held-out audio looped to ``seconds``;
+def _identity_drift(store, data_dirs, seg_i, runs, _avatar, rts, seed, seconds, lp, drift_variants: bool = False) -> dict:
+    """One long render of the bundle under test (and of every variant if ``drift_variants``): a held-out portrait, the held-out audio looped to ``seconds``;
     LPIPS of the lower-face patch to the portrait's over the first and the last 5 s."""
     seg = store.segments[seg_i]
     crops = np.load(Path(_shard_dir(data_dirs, seg.name)) / "crops.npy", mmap_mode="r")
@@ -237,6 +237,8 @@ def _identity_drift(store, data_dirs, seg_i, runs, _avatar, rts, seed, seconds, 
     win = min(5 * fps, n // 2)
     out = {"seconds": seconds, "portrait": seg.name}
     for m, (b, steps) in runs.items():
+        if m != "ours" and not drift_variants:
+            continue
         gen = FrameGenerator(rts[m], _avatar(m, crop_r, lm_r), steps=steps, seed=seed, blinks=False)
         feats = gen.audio_features_from_mel(seg.mel, seg.mel_index)  # (F, D), looped below
         reps = int(np.ceil(n / len(feats)))
