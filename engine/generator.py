@@ -15,14 +15,27 @@ from engine.face.paste import paste_back
 from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, pool_mask, warp_indices
 from engine.models.denoiser import latent_mask
 from engine.motion.blink import BlinkSampler, close_eyes
+from engine.motion.sway import HeadSway
 from engine.runtime import Runtime
 from engine.sampling import ddim_sample
+
+
+def _sway_for(avatar: Avatar, fps: int, seed: int) -> HeadSway:
+    """The idle head sway about the portrait's face centre, scaled to the face's size in the image."""
+    from engine.face.align import invert_transform
+
+    inv = invert_transform(avatar.affine)  # crop -> image
+    s = avatar.crop_size_px
+    centre = inv[:, :2] @ np.array([s / 2, s / 2]) + inv[:, 2]
+    face_px = s * float(np.sqrt(abs(np.linalg.det(inv[:, :2]))))
+    return HeadSway((float(centre[0]), float(centre[1])), face_px, fps, seed)
 
 
 class FrameGenerator:
     """Generates the avatar's frames for audio features, one frame at a time (keeps the previous output)."""
 
-    def __init__(self, runtime: Runtime, avatar: Avatar, *, steps: int | None = None, seed: int = 0, blinks: bool = True):
+    def __init__(self, runtime: Runtime, avatar: Avatar, *, steps: int | None = None, seed: int = 0, blinks: bool = True,
+                 head_motion: bool = False):
         bundle = runtime.bundle
         self.runtime, self.bundle, self.avatar = runtime, bundle, avatar
         c = bundle.configs
@@ -40,6 +53,8 @@ class FrameGenerator:
         self.avatar_mask = avatar.mask()  # (P, P)
         self.avatar_patch = extract_patch(avatar.crop).astype(np.float32)  # (P, P, 3)
         self.blinks = BlinkSampler(bundle.blink_prior, bundle.fps, seed) if blinks else None
+        self.sway = _sway_for(avatar, bundle.fps, seed) if head_motion else None
+        self.frame_index = 0  # frames made so far (the sway's clock)
         self.previous: torch.Tensor | None = None
         self.a2l_state: np.ndarray | None = None  # (L, 1, H) GRU state between calls
 
@@ -122,9 +137,11 @@ class FrameGenerator:
         if closure > 0.0:
             crop, eye_mask = close_eyes(crop, av.landmarks * av.crop_size_px, closure)
             mask = np.maximum(mask, eye_mask)
-        if not mask.any():
-            return av.image.copy()
-        return paste_back(av.image, crop, av.affine, mask)
+        out = paste_back(av.image, crop, av.affine, mask) if mask.any() else av.image
+        self.frame_index += 1
+        if self.sway is not None:
+            return self.sway.apply(out, self.frame_index - 1)
+        return out.copy() if out is av.image else out
 
     def _match_colour(self, patch: np.ndarray, px_mask: np.ndarray) -> np.ndarray:
         """Shift the generated patch's colour to the portrait's, measured on the mask's feathered rim.

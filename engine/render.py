@@ -22,7 +22,7 @@ MUX_RATE_HZ = 48000  # the audio track of the mp4 (features use 16 kHz)
 
 def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: Bundle | str | Path | None = None,
            steps: int | None = None, seed: int = 0, blinks: bool = True, threads: int | None = None, progress: bool = True,
-           backend: str = "auto") -> dict:
+           backend: str = "auto", head_motion: bool = True) -> dict:
     """Render ``out`` and return timings: frames, seconds of audio, wall time per stage.
 
     ``backend``: auto | torch | onnxruntime | tensorrt (``engine.runtime.load_runtime``).
@@ -44,7 +44,7 @@ def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: 
     t_prep = time.perf_counter()
     h, w = image.shape[:2]
     partial = out.with_name(out.name + ".partial.mp4")  # a failed render leaves no half-written `out`
-    config = PipelineConfig(realtime=False, steps=steps, seed=seed, blinks=blinks)
+    config = PipelineConfig(realtime=False, steps=steps, seed=seed, blinks=blinks, head_motion=head_motion)
     try:
         with Mp4Writer(partial, fps=b.fps, width=w, height=h, audio=mux, audio_rate_hz=MUX_RATE_HZ) as wr:
             kinds = asyncio.run(_run_pipeline(rt, av_, config, audio, wr, n_frames, progress))

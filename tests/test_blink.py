@@ -64,3 +64,23 @@ def test_close_eyes_changes_only_the_eyes():
     assert ys.min() >= eyes[:, 1].min() - 30 and ys.max() <= eyes[:, 1].max() + 5  # ... around the eyes
     assert np.all(mask[changed] > 0)  # and the paste mask covers every changed pixel
     assert eye_opening(lm[None])[0] > 0
+
+
+def test_head_sway_is_small_smooth_and_deterministic():
+    from engine.motion.sway import HeadSway
+
+    a, b = HeadSway((256, 240), 300, 25, seed=3), HeadSway((256, 240), 300, 25, seed=3)
+    pts = np.array([[256, 240, 1], [100, 100, 1], [400, 450, 1]], float).T  # face centre, two corners
+
+    def where(s, k):
+        return s.affine(k) @ pts  # (2, 3)
+
+    path = np.stack([where(a, k) for k in range(25 * 20)])  # 20 s
+    assert np.array_equal(path[17], where(b, 17))  # same seed, same motion
+    assert not np.array_equal(path[17], where(HeadSway((256, 240), 300, 25, seed=4), 17))
+    disp = np.linalg.norm(path - pts[:2][None], axis=1)  # (T, 3) distance from rest
+    assert disp[:, 0].max() < 0.02 * 300  # the face centre moves by under 2 % of the face size
+    assert disp.max() < 10  # nothing in a 512 px image moves by more than a few pixels
+    step = np.linalg.norm(np.diff(path, axis=0), axis=1)
+    assert step.max() < 0.6  # smooth: under 0.6 px from one frame to the next
+    assert disp[:, 0].std() > 0.2  # and it does move

@@ -64,7 +64,7 @@ def _run(rt, av, source, config: PipelineConfig, **kw) -> tuple[list[OutputFrame
 
 def test_fast_mode_frames_timestamps_and_audio(rig):
     rt, av, path, wave = rig
-    frames, p = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False))
+    frames, p = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False, head_motion=False))
     assert len(frames) == int(np.ceil(len(wave) / FRAME))  # the last partial frame is kept
     assert [f.index for f in frames] == list(range(len(frames)))
     assert all(f.pts_s == f.index / FPS for f in frames)  # exact multiples of the frame period
@@ -81,8 +81,8 @@ def test_fast_mode_frames_timestamps_and_audio(rig):
 
 def test_paced_file_reproduces_the_offline_render_frame_for_frame(rig):
     rt, av, path, wave = rig
-    offline, _ = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False))
-    no_degrade = PipelineConfig(realtime=True, degrade=False, blinks=False)
+    offline, _ = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False, head_motion=False))
+    no_degrade = PipelineConfig(realtime=True, degrade=False, blinks=False, head_motion=False)
     t0 = time.perf_counter()
     live, p = _run(rt, av, FileSource(path, realtime=True), no_degrade)
     wall = time.perf_counter() - t0
@@ -107,7 +107,7 @@ def test_silence_gives_idle_frames_that_are_the_portrait(rig, tmp_path: Path):
         w.setsampwidth(2)
         w.setframerate(16000)
         w.writeframes(np.zeros(16000, np.int16).tobytes())
-    frames, p = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False))
+    frames, p = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False, head_motion=False))
     assert len(frames) == FPS and all(f.kind == "idle" and f.steps == 0 for f in frames)
     assert all(np.array_equal(f.image, av.image) for f in frames)
     assert p.metrics.counter("idle_frames").value == FPS
@@ -151,7 +151,7 @@ def test_push_source_idle_on_the_clock_then_speech_then_barge_in(rig):
 
     async def main():
         src = PushSource(max_buffer_s=30.0)
-        cfg = PipelineConfig(realtime=True, degrade=False, blinks=False)
+        cfg = PipelineConfig(realtime=True, degrade=False, blinks=False, head_motion=False)
         async with Pipeline(rt, av, cfg) as p:
             p.start(src)
             it = p.frames().__aiter__()

@@ -71,6 +71,7 @@ class PipelineConfig:
     max_ahead_s: float = 2.0  # input audio read ahead of generation at most this much (push bursts, files)
     seed: int = 0  # the generator's noise and blink seed
     blinks: bool = True
+    head_motion: bool = True  # a small idle sway of the head (engine/motion/sway.py), also while speaking
 
 
 @dataclass
@@ -104,7 +105,8 @@ class Pipeline:
             raise ValueError(f"fps {self.fps} does not divide {SAMPLE_RATE_HZ} Hz into whole samples per frame")
         self.frame_samples = SAMPLE_RATE_HZ // self.fps
         self.metrics = metrics or PipelineMetrics()
-        self.gen = FrameGenerator(runtime, avatar, steps=config.steps, seed=config.seed, blinks=config.blinks)
+        self.gen = FrameGenerator(runtime, avatar, steps=config.steps, seed=config.seed, blinks=config.blinks,
+                                  head_motion=config.head_motion)
         self.full_steps = self.gen.steps
         self.steps = self.full_steps  # current steps (degradation lowers it)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-gen")
