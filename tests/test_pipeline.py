@@ -209,3 +209,22 @@ def test_bad_audio_file_raises_its_own_clear_error(rig, tmp_path: Path):
     bad.write_bytes(b"not audio at all")
     with pytest.raises(UnreadableMediaError, match="bad.wav"):
         _run(rt, av, FileSource(bad, realtime=False), PipelineConfig(realtime=False))
+
+
+def test_audio_pushed_ahead_of_real_time_is_not_behind(rig):
+    """A voice agent pushes a whole reply at once: its frames are ready long before they are due,
+    which is not falling behind; the same frames are behind once real time passes their due time."""
+    rt, av, _, wave = rig
+    p = Pipeline(rt, av, PipelineConfig(realtime=True))
+    from engine.pipeline.sources import AudioChunk
+
+    t0 = 1000.0
+    x = np.tile(wave, 2)[: 160 * 300]  # 3 s
+    for i in range(300):  # every chunk arrives at t0: a burst
+        p._ingest(AudioChunk(np.ascontiguousarray(x[160 * i : 160 * (i + 1)]), i / 100), t0)
+    assert p._ready(60)  # many frames are ready at once ...
+    assert p._backlog(t0 + 0.01) == 0  # ... but none is overdue
+    assert p._due(50, t0) == pytest.approx(t0 + 2.0)  # frame 50 is due 2 s into the utterance
+    la = p.lookahead_ms / 1000
+    assert p._backlog(t0 + 1.0 + la) == 25  # one second later, frames 1..25 (beyond the next, 0) are overdue
+    p._executor.shutdown()

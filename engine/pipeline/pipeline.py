@@ -84,11 +84,14 @@ class OutputFrame:
     steps: int  # denoising steps used (0 for idle and dropped frames)
     audio_arrival_s: float | None  # monotonic time the audio at the frame's start arrived (None: idle by the clock)
     emitted_s: float  # monotonic time the frame was handed out
+    due_s: float | None = None  # when that audio is due in real time: its arrival, or later for audio pushed ahead of time
 
     @property
     def latency_ms(self) -> float | None:
-        """Audio in (the frame's first sample) to frame out."""
-        return None if self.audio_arrival_s is None else 1000.0 * (self.emitted_s - self.audio_arrival_s)
+        """Audio in (the frame's first sample; for audio pushed ahead of real time, the moment it
+        is due on the utterance's clock) to frame out."""
+        t = self.due_s if self.due_s is not None else self.audio_arrival_s
+        return None if t is None else 1000.0 * (self.emitted_s - t)
 
 
 class PipelineError(RuntimeError):
@@ -141,6 +144,7 @@ class Pipeline:
         self._ended = False  # the source ended (no more audio, ever)
         self._reset_worker = True  # the worker starts fresh features, A2L state and previous output
         self._real_samples = 0  # samples of the timeline that came from the source (not silence filled in)
+        self._seg_t0: float | None = None  # when this utterance's sample 0 was due in real time (its first arrival)
         self._last_input_s: float | None = None
 
     # -- public API --
@@ -252,6 +256,8 @@ class Pipeline:
         if chunk.valid_samples == 0:  # an end-of-segment marker only
             return
         s = self._n_samples
+        if self._seg_t0 is None:
+            self._seg_t0 = arrived_s - s / SAMPLE_RATE_HZ
         speaking = self._vad.process(chunk) if self.config.use_vad else True
         self._arrivals.append((s, arrived_s))
         self._speech.append((s, speaking))
@@ -277,10 +283,23 @@ class Pipeline:
             return k * self.frame_samples < self._n_samples
         return self._n_samples >= self._need(k)
 
-    def _backlog(self) -> int:
-        """Frames ready beyond the next one."""
+    def _due(self, k: int, arrival: float | None) -> float | None:
+        """When frame k's audio is due in real time: its arrival, or its place on the utterance's
+        clock if it came earlier (a voice agent pushing a whole reply at once is not "behind")."""
+        if self._seg_t0 is None:
+            return arrival
+        on_clock = self._seg_t0 + k / self.fps
+        return on_clock if arrival is None else max(arrival, on_clock)
+
+    def _backlog(self, now: float) -> int:
+        """Frames beyond the next one that are ready AND overdue: their audio's due time plus the
+        audio lookahead has passed (so in real time they would already be generated)."""
         n, k = 0, self._k + 1
+        la = self.lookahead_ms / 1000.0
         while self._ready(k):
+            due = self._due(k, None)
+            if due is not None and due + la > now:
+                break
             n += 1
             k += 1
         return n
@@ -350,11 +369,12 @@ class Pipeline:
         arrival = next((t for s, t in self._arrivals if s <= lo < s + CHUNK_SAMPLES), None)
         audio = self._frame_audio(lo, hi)
         degrade = self.config.realtime and self.config.degrade
-        backlog = self._backlog() if degrade and not self._ended else 0  # an ended source's tail is ready at once: not "behind"
+        loop = asyncio.get_running_loop()
+        due = self._due(k, arrival)
+        backlog = self._backlog(loop.time()) if degrade else 0
         self.metrics.gauge("backlog_frames").set(backlog)
         drop = degrade and backlog > self.config.max_backlog_frames
         steps = self.steps
-        loop = asyncio.get_running_loop()
         image, kind = await loop.run_in_executor(self._executor, self._work, k, pending, reset, ended, speaking, drop, steps)
         if epoch != self._epoch:  # a barge-in happened meanwhile: this frame belongs to dropped audio
             return
@@ -363,9 +383,9 @@ class Pipeline:
             self._speech.popleft()
         while self._arrivals and self._arrivals[0][0] + CHUNK_SAMPLES <= hi:
             self._arrivals.popleft()
-        await self._emit(image, audio, kind, steps if kind == "speech" else 0, arrival)
+        await self._emit(image, audio, kind, steps if kind == "speech" else 0, arrival, due)
         if degrade and kind != "dropped":
-            self._adapt(arrival, backlog, kind)
+            self._adapt(due, backlog, kind)
 
     def _frame_audio(self, lo: int, hi: int) -> np.ndarray:
         while self._audio and self._audio[0][0] + CHUNK_SAMPLES <= lo:
@@ -407,19 +427,20 @@ class Pipeline:
         self._last_image = img
         return img, "speech"
 
-    async def _emit(self, image: np.ndarray, audio: np.ndarray, kind: str, steps: int, arrival: float | None) -> None:
-        fr = OutputFrame(self._n_out, self._n_out / self.fps, image, audio, kind, steps, arrival, 0.0)
+    async def _emit(self, image: np.ndarray, audio: np.ndarray, kind: str, steps: int, arrival: float | None,
+                    due: float | None = None) -> None:
+        fr = OutputFrame(self._n_out, self._n_out / self.fps, image, audio, kind, steps, arrival, 0.0, due)
         self._n_out += 1
         if kind == "idle" and arrival is None:
             self.metrics.counter("idle_frames").inc()
         self.metrics.gauge("out_queue_depth").set(self._out.qsize())
         await self._out.put(fr)
 
-    def _adapt(self, arrival: float | None, backlog: int, kind: str) -> None:
+    def _adapt(self, due: float | None, backlog: int, kind: str) -> None:
         """Fewer steps when behind, one step back after ``recover_frames`` frames within budget."""
-        if arrival is None or kind != "speech":
+        if due is None or kind != "speech":
             return
-        lat_ms = 1000.0 * (asyncio.get_running_loop().time() - arrival)
+        lat_ms = 1000.0 * (asyncio.get_running_loop().time() - due)
         budget = self.config.latency_budget_ms
         if lat_ms > budget or backlog >= 2:
             self.steps = max(self.config.min_steps, self.steps - 1)
