@@ -92,6 +92,12 @@ class FrameGenerator:
         ``steps``: denoising steps for this frame (default ``self.steps``; the live pipeline lowers
         it when it falls behind).
         """
+        return self.compose(*self.latent(lm_moving, audio, warp_only=warp_only, steps=steps))
+
+    def latent(self, lm_moving: torch.Tensor, audio: torch.Tensor, *, warp_only: bool = False,
+               steps: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """The first half of ``frame``: warp and denoise -> (the output latent (1, C, s, s), the pixel
+        mask (P, P)). Sets ``previous``, so the next frame's latent may start before this one is composed."""
         av = self.avatar
         s = av.crop_size_px
         lm_all = self.ref_all.clone()
@@ -111,6 +117,12 @@ class FrameGenerator:
         x0 = torch.from_numpy(reference) if warp_only else ddim_sample(denoise, self.noise, cond, steps=int(steps or self.steps))
         x0 = m_lat * x0 + (1 - m_lat) * av.latent  # repaint only the mask: the rest is the portrait's own latent
         self.previous = x0
+        return x0, px_mask
+
+    def compose(self, x0: torch.Tensor, px_mask: np.ndarray) -> np.ndarray:
+        """The second half of ``frame``: decode, colour-match, paste into the portrait, blink, sway."""
+        av = self.avatar
+        s = av.crop_size_px
         img = self.g_dec.infer({"z": x0.numpy().astype(np.float32)})["image"][0]  # (3, P, P) in about [-1, 1]
         patch = (np.clip(img, -1, 1) + 1) * 127.5
         patch = self._match_colour(patch.transpose(1, 2, 0), px_mask)
@@ -126,9 +138,12 @@ class FrameGenerator:
         """The portrait as it is (mouth closed), blinking: no model runs. The next generated frame
         starts afresh (no previous output), as at the start of an utterance."""
         self.previous = None
-        av = self.avatar
-        s = av.crop_size_px
-        return self._with_blink(av.crop, np.zeros((s, s), np.float32))
+        return self.idle_compose()
+
+    def idle_compose(self) -> np.ndarray:
+        """The compositing half of ``idle_frame`` (the caller resets ``previous``)."""
+        s = self.avatar.crop_size_px
+        return self._with_blink(self.avatar.crop, np.zeros((s, s), np.float32))
 
     def _with_blink(self, crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Advance the blink sampler one frame, close the lids if it says so, paste the crop back."""

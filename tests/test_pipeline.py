@@ -111,7 +111,7 @@ def test_silence_gives_idle_frames_that_are_the_portrait(rig, tmp_path: Path):
     assert len(frames) == FPS and all(f.kind == "idle" and f.steps == 0 for f in frames)
     assert all(np.array_equal(f.image, av.image) for f in frames)
     assert p.metrics.counter("idle_frames").value == FPS
-    assert p.metrics.stage("generate").count == 0  # no model ran for them
+    assert p.metrics.stage("denoise").count == 0 and p.metrics.stage("compose").count == 0  # no model ran for them
 
 
 class _Slow:

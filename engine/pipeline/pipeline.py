@@ -112,9 +112,14 @@ class Pipeline:
                                   head_motion=config.head_motion)
         self.full_steps = self.gen.steps
         self.steps = self.full_steps  # current steps (degradation lowers it)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-gen")
+        # two stages in two threads, so that frame k is composed while frame k+1 is denoised:
+        # A = features, A2L, warp, denoiser steps (sequential: each frame needs the previous latent);
+        # B = decoder, compositing, blink, sway (sequential: blink and sway advance per frame)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-denoise")
+        self._compose_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-compose")
         self._chunks: asyncio.Queue = asyncio.Queue(maxsize=256)
         self._out: asyncio.Queue = asyncio.Queue(maxsize=config.out_queue_frames)
+        self._inflight: asyncio.Queue = asyncio.Queue(maxsize=2)  # (stage-B future, frame facts) in output order
         self._wake = asyncio.Event()  # input arrived / the ingest wants attention
         self._progress = asyncio.Event()  # a frame went out (the ingest may read further ahead)
         self._tasks: set[asyncio.Task] = set()
@@ -155,7 +160,7 @@ class Pipeline:
         self._source = source
         loop = asyncio.get_running_loop()
         self.started_s = loop.time()
-        for coro in (self._read(), self._run()):
+        for coro in (self._read(), self._run(), self._emit_loop()):
             t = asyncio.create_task(coro)
             self._tasks.add(t)
             t.add_done_callback(self._task_done)
@@ -216,6 +221,7 @@ class Pipeline:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._compose_executor.shutdown(wait=True, cancel_futures=True)
         if self._source is not None:
             await self._source.aclose()
 
@@ -326,7 +332,7 @@ class Pipeline:
                 next_idle = loop.time() + period
                 continue
             if source_done and self._ended and not self._ready(self._k):
-                await self._out.put(_END)
+                await self._inflight.put(_END)
                 return
             if self.config.realtime:
                 late = self._last_input_s is None or now - self._last_input_s > self.config.idle_fill_ms / 1000.0
@@ -337,8 +343,9 @@ class Pipeline:
                 if late and now >= next_idle:  # 4. nothing to say: an idle frame on the clock
                     if self._n_samples:  # audio comes back later as a new utterance
                         self._new_segment()
-                    image = await loop.run_in_executor(self._executor, self._idle_image)
-                    await self._emit(image, np.zeros(self.frame_samples, np.float32), "idle", 0, None)
+                    self.gen.previous = None  # stage A is not running here: nothing was ready
+                    fut = loop.run_in_executor(self._compose_executor, self._idle_image)
+                    await self._inflight.put((fut, (self._epoch, np.zeros(self.frame_samples, np.float32), "idle", 0, None, None, 0, False)))
                     next_idle = max(next_idle + period, loop.time() - period)
                     continue
                 timeout = max(0.0, min(next_idle - now, (self._last_input_s or now) + self.config.idle_fill_ms / 1000.0 - now)) + 1e-3
@@ -352,10 +359,9 @@ class Pipeline:
                     pass
 
     def _idle_image(self) -> np.ndarray:
-        """Worker thread: an idle frame on the clock (the source has nothing)."""
+        """Stage B: an idle frame on the clock (the source has nothing)."""
         with self.metrics.time("idle"):
-            self._last_image = self.gen.idle_frame()
-            return self._last_image
+            return self.gen.idle_compose()
 
     async def _emit_timeline_frame(self) -> None:
         """Generate (or drop) timeline frame k and put it out."""
@@ -375,7 +381,7 @@ class Pipeline:
         self.metrics.gauge("backlog_frames").set(backlog)
         drop = degrade and backlog > self.config.max_backlog_frames
         steps = self.steps
-        image, kind = await loop.run_in_executor(self._executor, self._work, k, pending, reset, ended, speaking, drop, steps)
+        kind, payload = await loop.run_in_executor(self._executor, self._work, k, pending, reset, ended, speaking, drop, steps)
         if epoch != self._epoch:  # a barge-in happened meanwhile: this frame belongs to dropped audio
             return
         self._k = k + 1
@@ -383,9 +389,39 @@ class Pipeline:
             self._speech.popleft()
         while self._arrivals and self._arrivals[0][0] + CHUNK_SAMPLES <= hi:
             self._arrivals.popleft()
-        await self._emit(image, audio, kind, steps if kind == "speech" else 0, arrival, due)
-        if degrade and kind != "dropped":
-            self._adapt(due, backlog, kind)
+        fut = loop.run_in_executor(self._compose_executor, self._compose, kind, payload)
+        await self._inflight.put((fut, (epoch, audio, kind, steps if kind == "speech" else 0, arrival, due, backlog, degrade)))
+
+    def _compose(self, kind: str, payload) -> np.ndarray | None:
+        """Stage B: the frame's image (None for a dropped frame: the emitter repeats the last image)."""
+        t0 = time.perf_counter()
+        if kind == "speech":
+            img = self.gen.compose(*payload)
+            self.metrics.stage("compose").observe(1000.0 * (time.perf_counter() - t0))
+            return img
+        if kind == "idle":
+            img = self.gen.idle_compose()
+            self.metrics.stage("idle").observe(1000.0 * (time.perf_counter() - t0))
+            return img
+        return None
+
+    async def _emit_loop(self) -> None:
+        """Frames out in order as stage B finishes them; adapts the steps to the measured latency."""
+        while True:
+            item = await self._inflight.get()
+            if item is _END:
+                await self._out.put(_END)
+                return
+            fut, (epoch, audio, kind, steps, arrival, due, backlog, degrade) = item
+            image = await fut
+            if epoch != self._epoch:  # a barge-in came while it was made
+                continue
+            if image is None:
+                image = self._last_image
+            self._last_image = image
+            await self._emit(image, audio, kind, steps, arrival, due)
+            if degrade and kind != "dropped":
+                self._adapt(due, backlog, kind)
 
     def _frame_audio(self, lo: int, hi: int) -> np.ndarray:
         while self._audio and self._audio[0][0] + CHUNK_SAMPLES <= lo:
@@ -396,8 +432,8 @@ class Pipeline:
         a = a[max(0, lo - start) : max(0, lo - start) + (hi - lo)]
         return np.pad(a, (0, hi - lo - len(a))).astype(np.float32)
 
-    def _work(self, k: int, pending: np.ndarray, reset: bool, ended: bool, speaking: bool, drop: bool, steps: int) -> tuple[np.ndarray, str]:
-        """Worker thread: features and A2L for frame k, then the frame (generated, idle, or the last one repeated)."""
+    def _work(self, k: int, pending: np.ndarray, reset: bool, ended: bool, speaking: bool, drop: bool, steps: int) -> tuple[str, object]:
+        """Stage A: features and A2L for frame k, then its latent (speech), or nothing (idle, dropped)."""
         if reset:
             self.features = StreamingFeatures(self.runtime, fps=self.fps)
             self.gen.reset()
@@ -413,19 +449,16 @@ class Pipeline:
         self.metrics.stage("features").observe(1000.0 * (t1 - t0))
         if drop:
             self.metrics.counter("frames_dropped").inc()
-            return self._last_image, "dropped"
+            return "dropped", None
         if not speaking:
             self.metrics.counter("idle_frames").inc()
-            img = self.gen.idle_frame()
-            self.metrics.stage("idle").observe(1000.0 * (time.perf_counter() - t1))
-            self._last_image = img
-            return img, "idle"
-        img = self.gen.frame(lm, torch.from_numpy(fe.tokens(k, self.gen.den_cfg.audio_tokens)), steps=steps)
-        self.metrics.stage("generate").observe(1000.0 * (time.perf_counter() - t1))
+            self.gen.previous = None  # the next speech frame starts afresh, as after an idle frame
+            return "idle", None
+        latent = self.gen.latent(lm, torch.from_numpy(fe.tokens(k, self.gen.den_cfg.audio_tokens)), steps=steps)
+        self.metrics.stage("denoise").observe(1000.0 * (time.perf_counter() - t1))
         if steps < self.full_steps:
             self.metrics.counter("frames_degraded").inc()
-        self._last_image = img
-        return img, "speech"
+        return "speech", latent
 
     async def _emit(self, image: np.ndarray, audio: np.ndarray, kind: str, steps: int, arrival: float | None,
                     due: float | None = None) -> None:
@@ -445,7 +478,7 @@ class Pipeline:
         if lat_ms > budget or backlog >= 2:
             self.steps = max(self.config.min_steps, self.steps - 1)
             self._good = 0
-        elif lat_ms < 0.7 * budget and backlog == 0:
+        elif lat_ms < budget - 500.0 / self.fps and backlog == 0:  # half a frame period of headroom
             self._good += 1
             if self._good >= self.config.recover_frames and self.steps < self.full_steps:
                 self.steps += 1
