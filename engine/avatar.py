@@ -21,10 +21,15 @@ def load_portrait(path: str | Path, *, max_side_px: int = MAX_SIDE_PX) -> np.nda
     path = Path(path)
     if not path.is_file():
         raise UnreadableMediaError(f"{path}: no such portrait file")
-    data = np.fromfile(path, dtype=np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    return decode_portrait(np.fromfile(path, dtype=np.uint8), what=str(path), max_side_px=max_side_px)
+
+
+def decode_portrait(data: bytes | np.ndarray, *, what: str = "portrait", max_side_px: int = MAX_SIDE_PX) -> np.ndarray:
+    """Encoded image bytes (an upload, a file's content) as :func:`load_portrait` returns them."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if bgr is None:
-        raise UnreadableMediaError(f"{path}: not a readable image (PNG, JPEG, WebP, BMP, ...)")
+        raise UnreadableMediaError(f"{what}: not a readable image (PNG, JPEG, WebP, BMP, ...)")
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     h, w = rgb.shape[:2]
     s = min(1.0, max_side_px / max(h, w))

@@ -60,6 +60,13 @@ class Bundle:
         return dict(self.manifest.get("graphs", {}))
 
     @property
+    def graph_variants(self) -> dict[str, dict[str, str]]:
+        """Reduced-precision graphs: precision -> {graph name -> ONNX file name}, e.g.
+        ``{"int8": {"denoiser": "denoiser.int8.onnx"}}`` (``avatar export`` writes them). A graph not
+        listed under a precision runs from its fp32 file (``graphs``)."""
+        return {p: dict(files) for p, files in self.manifest.get("graph_variants", {}).items()}
+
+    @property
     def fps(self) -> int:
         return int(self.manifest["fps"])
 
@@ -145,6 +152,12 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
     for name, fname in bundle.graphs.items():
         if fname not in listed:
             raise BundleError(f"{d / fname}: a graph file the manifest does not list (and so cannot check)")
+    for precision, files in bundle.graph_variants.items():
+        for name, fname in files.items():
+            if name not in bundle.graphs:
+                raise BundleError(f"{mpath}: graph_variants.{precision} names {name!r}, a graph the bundle does not have")
+            if fname not in listed:
+                raise BundleError(f"{d / fname}: a graph file ({precision}) the manifest does not list (and so cannot check)")
     _check_compatible(bundle)
     return bundle
 

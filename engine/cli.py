@@ -59,7 +59,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_render(a: argparse.Namespace) -> int:
     from engine.render import render
 
-    info = render(a.portrait, a.audio, a.out, bundle=a.bundle, steps=a.steps, seed=a.seed, blinks=not a.no_blinks, threads=a.threads,
+    info = render(a.portrait, a.audio, a.out, bundle=a.bundle, steps=a.steps, seed=a.seed, blinks=not a.no_blinks, head_motion=not a.no_head_motion, threads=a.threads,
                   progress=not a.quiet, backend=a.backend)
     for n in info["notes"]:
         print(f"note: {n}")
@@ -144,10 +144,54 @@ def _cmd_distill(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from engine.runtime import load_runtime
+    from server.app import DEMO_PORTRAIT, ServerConfig, serve
+    from server.session import SessionConfig
+
+    token = a.token or os.environ.get("AVATAR_TOKEN") or None
+    cfg = ServerConfig(host=a.host, port=a.port, max_sessions=a.max_sessions, token=token, cors_origins=tuple(a.cors or ()),
+                       session=SessionConfig(steps=a.steps), default_portrait=Path(a.portrait) if a.portrait else DEMO_PORTRAIT)
+    rt = load_runtime(a.bundle, a.backend, threads=a.threads)
+    asyncio.run(serve(rt, cfg))
+    return 0
+
+
+def _cmd_client(a: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from clients.python.client import ClientError, run_client
+
+    try:
+        report = asyncio.run(run_client(a.server, a.audio, avatar=a.avatar, record=a.record, seconds=a.seconds,
+                                        token=a.token or os.environ.get("AVATAR_TOKEN") or None, steps=a.steps))
+    except (ClientError, OSError) as e:
+        print(f"avatar client: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
                    help="what runs the models (default auto: ONNX Runtime when the bundle has exported graphs, else PyTorch)")
     p.add_argument("--threads", type=int, help="inference threads (default: the cores this process may use)")
+    p.add_argument("--precision", choices=("auto", "fp32", "int8", "bf16", "fp16"),
+                   help="auto (default; $AVATAR_PRECISION): int8 graphs on ONNX Runtime where the CPU has VNNI/AMX and the bundle has them, "
+                        "else fp32; bf16 is for --backend torch, fp16 for tensorrt")
+
+
+def _cmd_bench_models(a: argparse.Namespace) -> int:
+    from benchmarks.models import bench_models, summary
+
+    r = bench_models(a.out, bundle=a.bundle, threads=a.threads, repeats=a.repeats)
+    print(summary(r))
+    print(f"wrote {a.out} and {Path(a.out).with_suffix('.png')}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")
     p.add_argument("--seed", type=int, default=0, help="noise and blink seed (renders are deterministic given it)")
     p.add_argument("--no-blinks", action="store_true", help="keep the eyes as in the portrait")
+    p.add_argument("--no-head-motion", action="store_true", help="keep the head still (no idle sway)")
     _runtime_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_render)
@@ -226,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-ms", type=float, default=150.0, help="latency budget: above it the pipeline degrades")
     _runtime_args(p)
     p.set_defaults(func=_cmd_bench_pipeline)
+    p = bsub.add_parser("models", help="every graph on every backend and precision here: ms per call, GFLOP, % of the CPU's peak, ms per frame")
+    p.add_argument("--out", required=True, help="JSON report; the bar chart goes beside it as .png")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    p.add_argument("--threads", type=int, help="inference threads (default: the cores this process may use)")
+    p.add_argument("--repeats", type=int, default=50, help="timed calls per graph after the warm-up")
+    p.set_defaults(func=_cmd_bench_models)
 
     p = sub.add_parser("distill", help="progressive distillation of a bundle's denoiser to fewer steps; writes a new bundle")
     p.add_argument("--bundle", help="teacher bundle (default: the shipped bundle)")
@@ -235,6 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-steps", type=int, default=8, help="the teacher's DDIM steps; each round halves them")
     p.add_argument("--config", help='JSON {"train": {...}, "options": {...}} per round (default: configs/cpu_small/distill.json)')
     p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("serve", help="WebRTC server: the avatar streamed to browsers and clients (aiohttp + aiortc)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    p.add_argument("--max-sessions", type=int, default=1, help="concurrent sessions (default 1: one pipeline keeps two cores busy)")
+    p.add_argument("--token", help="bearer token every route but /healthz requires (default: $AVATAR_TOKEN, else none)")
+    p.add_argument("--cors", nargs="+", metavar="ORIGIN", help="origins allowed to call from other pages ('*': any; default: same origin only)")
+    p.add_argument("--portrait", help="the portrait of the avatar 'default' (default: the shipped demo portrait)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's; an offer may ask for its own)")
+    _runtime_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("client", help="WebRTC client: speak an audio file to a server, receive and record the avatar, measure")
+    p.add_argument("--server", default="http://127.0.0.1:8080", help="the server's URL")
+    p.add_argument("--audio", default=str(DEMO / "demo_voice.wav"), help="speech sent as live audio (default: the shipped demo voice)")
+    p.add_argument("--avatar", help="avatar id (default: the server's 'default'; GET /avatars lists them)")
+    p.add_argument("--record", help="write what comes back (video + audio) to this mp4")
+    p.add_argument("--seconds", type=float, help="stream this long after connecting (default: 1 s of silence + the audio + 2 s)")
+    p.add_argument("--token", help="bearer token (default: $AVATAR_TOKEN)")
+    p.add_argument("--steps", type=int, help="ask the server for this many denoising steps")
+    p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("train", help="train one model from prepared shards (resumes from OUT/checkpoint.pt)")
     p.add_argument("model", choices=("autoencoder", "a2l", "denoiser", "sync"), help="which model")
@@ -248,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return a.func(a)
+        if getattr(a, "precision", None) is None:
+            return a.func(a)
+        from engine.runtime import default_precision
+
+        with default_precision(a.precision):  # every runtime the command loads
+            return a.func(a)
     except (AvatarInputError, FileNotFoundError, ValueError) as e:
         print(f"avatar {a.command}: error: {e}", file=sys.stderr)
         return 2

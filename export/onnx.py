@@ -25,6 +25,7 @@ import onnx
 import torch
 from torch import nn
 
+from export import quantize
 from export.specs import CHECK_SIZES, EXPORT_SIZES, ModelSpec, specs_for_bundle
 
 DEFAULT_OPSET = 17  # LayerNormalization needs 17; GridSample (warp) 16
@@ -214,7 +215,8 @@ def validate_onnx(spec: ModelSpec, module: nn.Module, path: str | Path, *, atol:
     return {"atol": atol, "max_abs_error": errors, "checked_sizes": checked}
 
 
-def export_bundle(bundle_dir: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET, end_to_end_frames: int = 8) -> dict:
+def export_bundle(bundle_dir: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET, end_to_end_frames: int = 8,
+                  int8_calibration_frames: int | None = None) -> dict:
     """Write a complete bundle to ``out_dir``: the source bundle's files, one ``<graph>.onnx`` per
     graph (each checked against PyTorch), ``export_report.json``, and a manifest that lists the
     graphs and pins every file's sha256. Returns the report.
@@ -222,6 +224,11 @@ def export_bundle(bundle_dir: str | Path, out_dir: str | Path, *, opset: int = D
     After the per-graph checks on sampled inputs, the exported bundle renders
     ``end_to_end_frames`` frames of the shipped demo (portrait and voice: real inputs) with the
     PyTorch and the ONNX Runtime backends; the largest pixel difference goes in the report.
+
+    Int8 variants (``export/quantize.py``): the denoiser and the decoder quantised, calibrated on
+    ``int8_calibration_frames`` frames of the demo (default ``quantize.CALIBRATION_FRAMES``; 0: none),
+    checked against the fp32 graphs on the demo, listed under the manifest's ``graph_variants.int8``
+    if the generated patches differ by at most ``quantize.MAX_PATCH_MAE`` grey levels on average.
     """
     import shutil
 
@@ -237,8 +244,10 @@ def export_bundle(bundle_dir: str | Path, out_dir: str | Path, *, opset: int = D
     if out.resolve() == bundle.path.resolve():
         raise ExportError(f"{out}: the output folder is the source bundle; choose another")
     out.mkdir(parents=True, exist_ok=True)
+    old_variants = {f for files in bundle.graph_variants.values() for f in files.values()}  # made anew below, or not at all
     for name in bundle.manifest["files"]:
-        shutil.copy2(bundle.path / name, out / name)
+        if name not in old_variants:
+            shutil.copy2(bundle.path / name, out / name)
     not_exported = {"ddim": "the sampling loop stays in Python (engine/sampling/ddim.py) and calls the denoiser graph once per step"}
     if "sync" in bundle.models:
         not_exported["sync"] = "evaluation only (lip-sync metric and loss), not on the render path"
@@ -249,17 +258,38 @@ def export_bundle(bundle_dir: str | Path, out_dir: str | Path, *, opset: int = D
               "not_exported": not_exported}
     (out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
     keep = {k: v for k, v in bundle.manifest.items() if k not in ("format", "fps", "sample_rate_hz", "crop_size_px", "steps", "models", "files",
-                                                                 "graphs", "export")}
+                                                                 "graphs", "graph_variants", "export")}
     export_info = {"opset": opset, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                    "source_manifest_sha256": report["bundle_manifest_sha256"],
                    "shapes": {n: {"inputs": m["inputs"], "outputs": m["outputs"]} for n, m in models.items()}}
-    write_manifest(out, fps=bundle.fps, sample_rate_hz=int(bundle.manifest["sample_rate_hz"]), crop_size_px=bundle.crop_size_px,
-                   steps=bundle.steps, extra={**keep, "graphs": {n: m["file"] for n, m in models.items()}, "export": export_info})
-    if end_to_end_frames > 0:
-        report["end_to_end"] = end_to_end_check(out, frames=end_to_end_frames)
+    extra = {**keep, "graphs": {n: m["file"] for n, m in models.items()}, "export": export_info}
+
+    def manifest() -> None:
         (out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
         write_manifest(out, fps=bundle.fps, sample_rate_hz=int(bundle.manifest["sample_rate_hz"]), crop_size_px=bundle.crop_size_px,
-                       steps=bundle.steps, extra={**keep, "graphs": {n: m["file"] for n, m in models.items()}, "export": export_info})
+                       steps=bundle.steps, extra=extra)
+
+    manifest()
+    frames = quantize.CALIBRATION_FRAMES if int8_calibration_frames is None else int8_calibration_frames
+    if frames > 0:
+        q, fp32_render = quantize.quantize_bundle(out, calibration_frames=frames)
+        extra["graph_variants"] = {quantize.PRECISION: q["files"]}
+        manifest()  # the check loads the variants through the manifest
+        q["check"] = quantize.check_variant(out, fp32_render)
+        q["shipped"] = q["check"]["patch_mean_abs_diff"] <= quantize.MAX_PATCH_MAE
+        if not q["shipped"]:
+            warnings.warn(f"{out}: int8 graphs differ from fp32 by {q['check']['patch_mean_abs_diff']} grey levels on the demo "
+                          f"(> {quantize.MAX_PATCH_MAE}): not shipped")
+            del extra["graph_variants"]
+            for f in q["files"].values():
+                (out / f).unlink(missing_ok=True)
+        else:
+            export_info["int8"] = {"recipe": q["recipe"], "check": q["check"]}
+        report["int8"] = q
+        manifest()
+    if end_to_end_frames > 0:
+        report["end_to_end"] = end_to_end_check(out, frames=end_to_end_frames)
+        manifest()
     return report
 
 
@@ -278,7 +308,7 @@ def end_to_end_check(bundle_dir: str | Path, *, frames: int = 8, seed: int = 0) 
     wave = decode_audio(DEMO / "demo_voice.wav", sample_rate_hz=16000)
     out: dict[str, list[np.ndarray]] = {}
     for backend in ("torch", "onnxruntime"):
-        rt = load_runtime(bundle, backend, threads=1)
+        rt = load_runtime(bundle, backend, threads=1, precision="fp32")
         gen = FrameGenerator(rt, prepare_avatar(image, rt, crop_size_px=bundle.crop_size_px), seed=seed)
         feats = gen.audio_features(wave, frames)
         lms = gen.landmarks(feats)

@@ -1,4 +1,5 @@
-"""Assemble a model bundle from training runs: copy the model files, write the data card and manifest.
+"""Assemble a model bundle from training runs: copy the model files, write the data card and manifest,
+export the ONNX graphs and their int8 variants (``avatar export``).
 
     python scripts/build_bundle.py --runs runs --out engine/bundles/default --steps 4
 
@@ -92,9 +93,17 @@ def main() -> None:
     from engine.bundle import load_bundle
 
     load_bundle(out)  # hashes and model compatibility, before it replaces anything
-    size = sum((out / f).stat().st_size for f in m["files"])
+    # the ONNX graphs and their int8 variants (export/onnx.py: each checked against PyTorch, the variants on the demo)
+    from export.onnx import export_bundle
+
+    exported = final.with_name(final.name + ".exported")
+    shutil.rmtree(exported, ignore_errors=True)
+    export_bundle(out, exported)
+    shutil.rmtree(out)
+    m = load_bundle(exported).manifest
+    size = sum((exported / f).stat().st_size for f in m["files"])
     shutil.rmtree(final, ignore_errors=True)
-    out.rename(final)
+    exported.rename(final)
     print(f"wrote {final}: {len(m['files'])} files, {size / 2**20:.1f} MiB")
 
 

@@ -34,7 +34,7 @@ def distill_bundle(bundle: str | None, data: list[str], out: str | Path, *, step
     shutil.copy2(students[steps].with_suffix(".pt"), torch_bundle / "denoiser.pt")
     shutil.copy2(students[steps].with_suffix(".json"), torch_bundle / "denoiser.json")
     keep = {k: v for k, v in teacher.manifest.items() if k not in ("format", "fps", "sample_rate_hz", "crop_size_px", "steps", "models",
-                                                                  "files", "graphs", "export", "torch_version")}
+                                                                  "files", "graphs", "graph_variants", "export", "torch_version")}
     keep["distilled"] = {"teacher_steps": teacher_steps, "student_steps": steps, "rounds": sorted(students), "config": spec}
     write_manifest(torch_bundle, fps=teacher.fps, sample_rate_hz=int(teacher.manifest["sample_rate_hz"]),
                    crop_size_px=teacher.crop_size_px, steps=steps, extra=keep)

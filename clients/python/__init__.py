@@ -1,0 +1,1 @@
+"""The Python WebRTC client of the avatar server (``avatar client``)."""

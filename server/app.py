@@ -1,0 +1,558 @@
+"""The HTTP side of the server (aiohttp): signalling, pushed audio, avatars, health and metrics.
+
+Routes (JSON unless said; errors are ``{"error": "..."}`` with the status below):
+
+    POST   /offer                        {sdp, type: "offer", avatar?: id, steps?: int} -> {sdp, type, session_id}
+                                         400 malformed SDP / no video m-line / bad field, 404 unknown avatar,
+                                         503 (Retry-After) at capacity
+    POST   /sessions/{id}/audio          raw PCM s16le body (chunked is fine), ?rate=&channels=[&end=1]
+    GET    /sessions/{id}/audio/ws       WebSocket: binary PCM s16le; text JSON {"rate", "channels"} first
+                                         (or ?rate=&channels=), {"type": "end_of_segment"}, {"type": "interrupt"}
+    POST   /sessions/{id}/interrupt      barge-in: drop queued audio and frames -> {dropped_s}
+    POST   /sessions/{id}/end_of_segment the pushed turn is over
+    GET    /sessions, /sessions/{id}     state and pipeline metrics
+    DELETE /sessions/{id}                close it
+    GET    /avatars                      {avatars: [{id, source, width, height, notes}]}
+    POST   /avatars                      an image (multipart field or raw body) -> {id, ...}; 201 new, 200 known;
+                                         400 not an image, 413 too large, 422 no face / several faces / too small
+    GET    /healthz                      {ok, sessions, capacity} (never needs the token)
+    GET    /metrics                      Prometheus text: server gauges, every session's pipeline metrics labelled session="id"
+    GET    /                             the web client (clients/web/index.html) or a short text page
+
+A session's audio comes from the peer's audio track when its offer's audio m-line sends
+(sendrecv / sendonly); otherwise it is pushed over HTTP or the WebSocket.
+
+Security: listens on 127.0.0.1 unless told otherwise; with a token, every route but /healthz
+needs ``Authorization: Bearer <token>`` (or ``?token=`` for browsers' WebSockets and pages);
+cross-origin requests are refused (403) unless their origin is in ``cors_origins``; bodies are
+size-limited (413).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import re
+import secrets
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from engine.errors import AvatarInputError, ImageTooLargeError, UnreadableMediaError
+from engine.pipeline.sources import PushSource
+from server.avatars import DEFAULT_ID, AvatarStore
+from server.ice import is_loopback_host, pin_host_addresses
+from server.session import OfferError, Session, SessionConfig, offer_media
+
+log = logging.getLogger("avatar.server")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WEB_DIR = REPO_ROOT / "clients" / "web"  # the web client, written separately; served at / when present
+DEMO_PORTRAIT = REPO_ROOT / "engine" / "assets" / "demo" / "astronaut.jpg"
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.(html|js|mjs|css|png|jpg|svg|ico|json|map|wasm)$")
+_CONTENT_TYPES = {"html": "text/html", "js": "text/javascript", "mjs": "text/javascript", "css": "text/css", "png": "image/png",
+                  "jpg": "image/jpeg", "svg": "image/svg+xml", "ico": "image/x-icon", "json": "application/json",
+                  "map": "application/json", "wasm": "application/wasm"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # where to listen (loopback: nothing outside this machine connects, ICE stays on loopback too)
+    port: int = 8080  # 0: any free port (tests)
+    max_sessions: int = 1  # concurrent sessions (one pipeline keeps two CPU cores busy)
+    token: str | None = None  # bearer token that every route but /healthz requires (None: no authentication)
+    cors_origins: tuple[str, ...] = ()  # cross-origin callers allowed ("*": any); empty: same origin only
+    max_upload_bytes: int = 10 * 2**20  # a portrait upload at most (413 beyond)
+    max_json_bytes: int = 256 * 2**10  # an offer or other JSON body at most (an SDP is a few kB)
+    max_ws_message_bytes: int = 2**20  # one WebSocket message at most
+    max_steps: int = 16  # an offer's "steps" at most
+    retry_after_s: int = 10  # the Retry-After of a 503 at capacity
+    push_wait_s: float = 30.0  # a push waits this long at most for room in the session's buffer (503 beyond)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    web_dir: Path = WEB_DIR
+    default_portrait: Path = DEMO_PORTRAIT  # the avatar "default"
+
+
+class ServerState:
+    """What the handlers share: the runtime (one per server), the avatars, the sessions."""
+
+    def __init__(self, runtime: Any, config: ServerConfig, avatars: AvatarStore):
+        self.runtime, self.config, self.avatars = runtime, config, avatars
+        self.sessions: dict[str, Session] = {}
+        self.sessions_started = 0
+        self.sessions_rejected = 0
+
+    def session_closed(self, s: Session) -> None:
+        if self.sessions.get(s.id) is s:
+            del self.sessions[s.id]
+
+
+STATE = web.AppKey("avatar_state", ServerState)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _json_error(cls: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
+    return cls(text=json.dumps({"error": message}), content_type="application/json", headers=headers or None)
+
+
+def _too_large(message: str, limit: int, size: int) -> web.HTTPException:
+    return web.HTTPRequestEntityTooLarge(limit, size, text=json.dumps({"error": message}), content_type="application/json")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing (413) more than ``limit`` bytes, announced or streamed."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(f"body of {request.content_length} bytes is over the limit of {limit}", limit, request.content_length)
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > limit:
+            raise _too_large(f"body over the limit of {limit} bytes", limit, len(data))
+    return bytes(data)
+
+
+async def _read_json(request: web.Request, limit: int) -> dict:
+    raw = await _read_body(request, limit)
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _json_error(web.HTTPBadRequest, f"body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise _json_error(web.HTTPBadRequest, "body must be a JSON object")
+    return body
+
+
+def _session(request: web.Request) -> Session:
+    sid = request.match_info["sid"]
+    s = request.app[STATE].sessions.get(sid)
+    if s is None or s.closing:
+        raise _json_error(web.HTTPNotFound, f"no session {sid!r}")
+    return s
+
+
+def _push_source(s: Session) -> PushSource:
+    if s.push is None:
+        raise _json_error(web.HTTPConflict, f"session {s.id} takes its audio from its WebRTC audio track; push audio only to a "
+                                            "session whose offer's audio m-line does not send (recvonly, or no audio m-line)")
+    return s.push
+
+
+def _pcm_format(rate: Any, channels: Any) -> tuple[int, int]:
+    try:
+        r, c = int(rate), int(1 if channels is None else channels)
+    except (TypeError, ValueError):
+        raise ValueError(f"rate and channels must be integers, got rate={rate!r} channels={channels!r}") from None
+    if not 8000 <= r <= 192000:
+        raise ValueError(f"rate must be in [8000, 192000] Hz, got {r}")
+    if not 1 <= c <= 8:
+        raise ValueError(f"channels must be in [1, 8], got {c}")
+    return r, c
+
+
+class PcmPusher:
+    """s16le bytes, in pieces of any size, into a PushSource: whole samples only, at most 100 ms per
+    push, waiting (backpressure) while the source's buffer is full."""
+
+    def __init__(self, source: PushSource, rate: int, channels: int, *, wait_s: float):
+        self.source, self.rate, self.channels, self.wait_s = source, rate, channels, wait_s
+        self._rest = b""  # bytes of an incomplete sample frame
+        self.samples = 0  # sample frames pushed
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / self.rate
+
+    async def feed(self, data: bytes) -> None:
+        data = self._rest + bytes(data)
+        frame_bytes = 2 * self.channels
+        n = len(data) // frame_bytes
+        self._rest = data[n * frame_bytes :]
+        pcm = np.frombuffer(data[: n * frame_bytes], dtype="<i2").astype(np.int16)  # (n * channels,) interleaved
+        step = max(1, self.rate // 10) * self.channels  # 100 ms
+        for i in range(0, pcm.size, step):
+            await self._push(pcm[i : i + step])
+
+    async def _push(self, pcm: np.ndarray) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while True:
+            try:
+                self.source.push_audio(pcm, self.rate, self.channels)
+                self.samples += pcm.size // self.channels
+                return
+            except BufferError:
+                if loop.time() > deadline:
+                    raise _json_error(web.HTTPServiceUnavailable, f"the session's audio buffer stayed full for {self.wait_s:g} s: "
+                                                                  "push at most in real time") from None
+                await asyncio.sleep(0.02)
+
+
+# -- middlewares -------------------------------------------------------------------------------
+
+def _same_origin(request: web.Request, origin: str) -> bool:
+    return origin == f"{request.scheme}://{request.host}"
+
+
+@web.middleware
+async def _cors(request: web.Request, handler):
+    """Cross-origin requests only from the configured origins (403 otherwise, before any work)."""
+    origin = request.headers.get("Origin")
+    if origin is None or _same_origin(request, origin):
+        return await handler(request)
+    allowed = request.app[STATE].config.cors_origins
+    if origin not in allowed and "*" not in allowed:
+        raise _json_error(web.HTTPForbidden, f"cross-origin request from {origin} refused (allow it with --cors {origin})")
+    headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(status=204, headers={**headers, "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                                                 "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                                                 "Access-Control-Max-Age": "600"})
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:
+        e.headers.update(headers)
+        raise
+    if not resp.prepared:  # a WebSocket is already under way
+        resp.headers.update(headers)
+    return resp
+
+
+@web.middleware
+async def _auth(request: web.Request, handler):
+    token = request.app[STATE].config.token
+    if token is None or request.path == "/healthz":
+        return await handler(request)
+    given = request.headers.get("Authorization", "")
+    given = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise _json_error(web.HTTPUnauthorized, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                          **{"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+async def _offer(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    body = await _read_json(request, st.config.max_json_bytes)
+    sdp, typ = body.get("sdp"), body.get("type", "offer")
+    if not isinstance(sdp, str) or not sdp.strip():
+        raise _json_error(web.HTTPBadRequest, "the offer needs 'sdp': the SDP text of an offer")
+    if typ != "offer":
+        raise _json_error(web.HTTPBadRequest, f"'type' must be 'offer', got {typ!r}")
+    try:
+        offer_media(sdp)  # a malformed offer is refused before anything is counted or built
+    except OfferError as e:
+        raise _json_error(web.HTTPBadRequest, str(e)) from None
+    avatar_id = body.get("avatar") or DEFAULT_ID
+    if not isinstance(avatar_id, str) or avatar_id not in st.avatars:
+        raise _json_error(web.HTTPNotFound, f"no avatar {avatar_id!r} (GET /avatars lists them; POST /avatars adds one)")
+    steps = body.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= st.config.max_steps):
+        raise _json_error(web.HTTPBadRequest, f"'steps' must be an integer in [1, {st.config.max_steps}], got {steps!r}")
+    if len(st.sessions) >= st.config.max_sessions:
+        st.sessions_rejected += 1
+        raise _json_error(web.HTTPServiceUnavailable, f"at capacity: {len(st.sessions)} of {st.config.max_sessions} sessions "
+                          "in use; retry later", **{"Retry-After": str(st.config.retry_after_s)})
+    sid = secrets.token_hex(8)
+    cfg = st.config.session if steps is None else dataclasses.replace(st.config.session, steps=steps)
+    s = Session(sid, st.runtime, st.avatars.get(avatar_id), avatar_id, cfg, on_closed=st.session_closed)
+    st.sessions[sid] = s  # counted from now: concurrent offers cannot overshoot the capacity
+    try:
+        answer = await s.answer(sdp)
+    except OfferError as e:
+        await s.close("bad offer")
+        raise _json_error(web.HTTPBadRequest, str(e)) from None
+    except BaseException:
+        await asyncio.shield(s.close("offer failed"))
+        raise
+    st.sessions_started += 1
+    log.info("session %s: answered (avatar %s, input %s)", sid, avatar_id, s.input)
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": sid, "input": s.input})
+
+
+async def _push_audio(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    s = _session(request)
+    src = _push_source(s)
+    try:
+        rate, channels = _pcm_format(request.query.get("rate"), request.query.get("channels"))
+    except ValueError as e:
+        raise _json_error(web.HTTPBadRequest, f"{e} (POST raw s16le PCM with ?rate=<Hz>&channels=<n>)") from None
+    pusher = PcmPusher(src, rate, channels, wait_s=st.config.push_wait_s)
+    try:
+        async for chunk in request.content.iter_chunked(2 * channels * max(1, rate // 10)):
+            await pusher.feed(chunk)
+        if request.query.get("end") in ("1", "true", "yes"):
+            src.end_of_segment()
+    except RuntimeError:  # the source was closed: the session closed under the push
+        raise _json_error(web.HTTPGone, f"session {s.id} closed during the push") from None
+    return web.json_response({"session_id": s.id, "pushed_s": round(pusher.seconds, 4)})
+
+
+async def _audio_ws(request: web.Request) -> web.WebSocketResponse:
+    st = request.app[STATE]
+    s = _session(request)
+    src = _push_source(s)
+    pusher: PcmPusher | None = None
+    if "rate" in request.query:
+        try:
+            pusher = PcmPusher(src, *_pcm_format(request.query["rate"], request.query.get("channels")), wait_s=st.config.push_wait_s)
+        except ValueError as e:
+            raise _json_error(web.HTTPBadRequest, str(e)) from None
+    ws = web.WebSocketResponse(max_msg_size=st.config.max_ws_message_bytes, heartbeat=30.0)
+    await ws.prepare(request)
+    s.attach_websocket(ws)
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                if pusher is None:
+                    await ws.close(code=1008, message=b"send {\"rate\": <Hz>, \"channels\": <n>} (or ?rate=) before PCM")
+                    break
+                try:
+                    await pusher.feed(msg.data)
+                except web.HTTPException as e:  # the buffer stayed full
+                    await ws.close(code=1013, message=json.loads(e.text)["error"].encode()[:120])
+                    break
+                except RuntimeError:
+                    break  # the session closed
+            elif msg.type == WSMsgType.TEXT:
+                try:
+                    m = json.loads(msg.data)
+                    if not isinstance(m, dict):
+                        raise ValueError("a control message is a JSON object")
+                    if "rate" in m:
+                        pusher = PcmPusher(src, *_pcm_format(m["rate"], m.get("channels")), wait_s=st.config.push_wait_s)
+                    kind = m.get("type")
+                    if kind == "end_of_segment":
+                        src.end_of_segment()
+                    elif kind == "interrupt":
+                        await ws.send_json({"type": "interrupted", "dropped_s": round(s.pipeline.clear_buffer(), 4)})
+                    elif kind is not None:
+                        raise ValueError(f"unknown message type {kind!r} (end_of_segment, interrupt)")
+                except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+                    await ws.send_json({"error": str(e)})
+            elif msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        s.detach_websocket(ws)
+    return ws
+
+
+async def _interrupt(request: web.Request) -> web.Response:
+    s = _session(request)
+    return web.json_response({"session_id": s.id, "dropped_s": round(s.pipeline.clear_buffer(), 4)})
+
+
+async def _end_of_segment(request: web.Request) -> web.Response:
+    s = _session(request)
+    _push_source(s).end_of_segment()
+    return web.json_response({"session_id": s.id, "ok": True})
+
+
+async def _get_session(request: web.Request) -> web.Response:
+    return web.json_response(_session(request).describe())
+
+
+async def _list_sessions(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    return web.json_response({"sessions": [{k: v for k, v in s.describe().items() if k != "metrics"} for s in st.sessions.values()]})
+
+
+async def _delete_session(request: web.Request) -> web.Response:
+    s = _session(request)
+    await s.close("deleted by the client")
+    return web.json_response({"session_id": s.id, "closed": True})
+
+
+async def _list_avatars(request: web.Request) -> web.Response:
+    return web.json_response({"avatars": request.app[STATE].avatars.describe()})
+
+
+async def _read_upload(request: web.Request, limit: int) -> bytes:
+    """The image of a multipart form (its first file part, or a part named image / file / portrait) or a raw body."""
+    if request.content_type != "multipart/form-data":
+        return await _read_body(request, limit)
+    if request.content_length is not None and request.content_length > limit + 64 * 1024:
+        raise _too_large(f"upload of {request.content_length} bytes is over the limit of {limit}", limit, request.content_length)
+    reader = await request.multipart()
+    async for part in reader:
+        if part.filename is None and part.name not in ("image", "file", "portrait"):
+            continue
+        data = bytearray()
+        while chunk := await part.read_chunk(64 * 1024):
+            data += chunk
+            if len(data) > limit:
+                raise _too_large(f"image over the limit of {limit} bytes", limit, len(data))
+        return bytes(data)
+    raise _json_error(web.HTTPBadRequest, "the form has no image: send it as a file part (or a field named 'image')")
+
+
+async def _upload_avatar(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    data = await _read_upload(request, st.config.max_upload_bytes)
+    if not data:
+        raise _json_error(web.HTTPBadRequest, "empty upload: send an image (PNG, JPEG, ...) as the body or a multipart file")
+    try:
+        entry, created = await st.avatars.upload(data)
+    except ImageTooLargeError as e:
+        raise _too_large(str(e), st.config.max_upload_bytes, len(data)) from None
+    except UnreadableMediaError as e:
+        raise _json_error(web.HTTPBadRequest, str(e)) from None
+    except AvatarInputError as e:  # no face, several faces, a face too small
+        raise _json_error(web.HTTPUnprocessableEntity, str(e)) from None
+    log.info("avatar %s: %s", entry.avatar_id, "prepared" if created else "already known")
+    return web.json_response(entry.describe(), status=201 if created else 200)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    return web.json_response({"ok": True, "sessions": len(st.sessions), "capacity": st.config.max_sessions,
+                              "avatars": len(st.avatars), "backend": st.runtime.backend})
+
+
+def _merge_prometheus(texts: list[tuple[str, str]], label: str) -> list[str]:
+    """Several registries' exposition text as one: each sample gets ``label="<id>"``, HELP/TYPE once per family."""
+    families: dict[str, tuple[list[str], list[str]]] = {}
+    for value, text in texts:
+        family = None
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    head = families.setdefault(family, ([], []))[0]
+                    if not any(h.split(" ", 2)[1] == parts[1] for h in head):
+                        head.append(line)
+                continue
+            i = min((k for k in (line.find("{"), line.find(" ")) if k >= 0), default=len(line))
+            name, rest = line[:i], line[i:]
+            tag = f'{label}="{value}"'
+            sample = f"{name}{{{tag},{rest[1:]}" if rest.startswith("{") else f"{name}{{{tag}}}{rest}"
+            families.setdefault(family or name, ([], []))[1].append(sample)
+    return [ln for head, samples in families.values() for ln in (*head, *samples)]
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    lines = [
+        "# HELP avatar_sessions Sessions open now.", "# TYPE avatar_sessions gauge", f"avatar_sessions {len(st.sessions)}",
+        "# HELP avatar_sessions_capacity Sessions this server accepts at once.", "# TYPE avatar_sessions_capacity gauge",
+        f"avatar_sessions_capacity {st.config.max_sessions}",
+        "# HELP avatar_sessions_started_total Sessions answered since the server started.", "# TYPE avatar_sessions_started_total counter",
+        f"avatar_sessions_started_total {st.sessions_started}",
+        "# HELP avatar_sessions_rejected_total Offers refused at capacity.", "# TYPE avatar_sessions_rejected_total counter",
+        f"avatar_sessions_rejected_total {st.sessions_rejected}",
+        "# HELP avatar_avatars Avatars prepared and kept.", "# TYPE avatar_avatars gauge", f"avatar_avatars {len(st.avatars)}",
+    ]
+    lines += _merge_prometheus([(sid, s.pipeline.metrics.prometheus_text()) for sid, s in st.sessions.items()], "session")
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+_PLACEHOLDER = """avatar server
+
+The web client is not installed (clients/web/index.html). The API:
+  POST /offer  {sdp, type: "offer", avatar?, steps?} -> {sdp, type, session_id}
+  POST /sessions/{id}/audio?rate=&channels=   raw s16le PCM
+  GET  /sessions/{id}/audio/ws                WebSocket, binary s16le PCM
+  POST /sessions/{id}/interrupt, /sessions/{id}/end_of_segment; DELETE /sessions/{id}
+  GET  /avatars, POST /avatars, GET /healthz, GET /metrics
+Python client: avatar client --server <this URL> --audio speech.wav
+"""
+
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    page = request.app[STATE].config.web_dir / "index.html"
+    if page.is_file():
+        return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
+    return web.Response(text=_PLACEHOLDER, content_type="text/plain")
+
+
+async def _web_file(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    path = request.app[STATE].config.web_dir / name
+    if not _STATIC_NAME.match(name) or not path.is_file():
+        raise _json_error(web.HTTPNotFound, f"no such file: /{name}")
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache", "Content-Type": _CONTENT_TYPES[name.rsplit(".", 1)[1]]})
+
+
+# -- the application ---------------------------------------------------------------------------
+
+def create_app(runtime: Any, config: ServerConfig = ServerConfig(), *, avatars: AvatarStore | None = None) -> web.Application:
+    """The aiohttp application. ``runtime``: one ``engine.runtime.Runtime`` shared by every session.
+    ``avatars``: a store to use (its ``default`` is prepared at startup if it has none)."""
+    app = web.Application(middlewares=[_cors, _auth], client_max_size=config.max_upload_bytes + 256 * 1024)
+    app[STATE] = ServerState(runtime, config, avatars or AvatarStore(runtime))
+    r = app.router
+    r.add_post("/offer", _offer)
+    r.add_get("/sessions", _list_sessions)
+    r.add_get("/sessions/{sid}", _get_session)
+    r.add_delete("/sessions/{sid}", _delete_session)
+    r.add_post("/sessions/{sid}/audio", _push_audio)
+    r.add_get("/sessions/{sid}/audio/ws", _audio_ws)
+    r.add_post("/sessions/{sid}/interrupt", _interrupt)
+    r.add_post("/sessions/{sid}/end_of_segment", _end_of_segment)
+    r.add_get("/avatars", _list_avatars)
+    r.add_post("/avatars", _upload_avatar)
+    r.add_get("/healthz", _healthz)
+    r.add_get("/metrics", _metrics)
+    r.add_get("/", _index)
+    r.add_get("/{name}", _web_file)
+    app.on_startup.append(_on_startup)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+async def _on_startup(app: web.Application) -> None:
+    st = app[STATE]
+    if is_loopback_host(st.config.host):
+        pin_host_addresses(["::1" if ":" in st.config.host else "127.0.0.1"])
+    if DEFAULT_ID not in st.avatars:
+        await st.avatars.load_default(st.config.default_portrait)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    st = app[STATE]
+    await asyncio.gather(*(s.close("server shutting down") for s in list(st.sessions.values())), return_exceptions=True)
+
+
+async def serve(runtime: Any, config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGINT / SIGTERM (or cancellation), then close every session."""
+    app = create_app(runtime, config)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else config.port
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    st = app[STATE]
+    print(f"avatar serve: listening on http://{host}:{port} ({runtime.backend}, {runtime.threads} threads, "
+          f"at most {config.max_sessions} session{'s' if config.max_sessions != 1 else ''}"
+          f"{', token required' if config.token else ''})", flush=True)
+    page = "the web client" if (config.web_dir / "index.html").is_file() else "a placeholder page (clients/web/index.html is not there yet)"
+    print(f"  web page: http://{host}:{port}/ ({page}); API: POST /offer, GET /healthz, GET /metrics, GET/POST /avatars", flush=True)
+    print(f"  avatars: {', '.join(e['id'] for e in st.avatars.describe())}; stop with Ctrl-C", flush=True)
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or not Unix
+            pass
+    try:
+        await stop.wait()
+    finally:
+        print("avatar serve: stopping", flush=True)
+        await runner.cleanup()

@@ -1,0 +1,138 @@
+"""The server's avatars: portraits prepared once (face found, aligned, mouth-region latent
+encoded) and kept by id.
+
+``default`` is the shipped demo portrait (or the one ``avatar serve --portrait`` names). An
+upload is identified by the sha256 of its bytes: uploading the same image again returns the
+same avatar without preparing it again. Preparing runs in a worker thread, one at a time (it
+competes with the live pipelines for the same cores). Uploaded portraits must show exactly one
+face (``on_multiple="refuse"``): a server cannot ask which face was meant.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.avatar import Avatar, decode_portrait, load_portrait, prepare_avatar
+from engine.errors import ImageTooLargeError
+from engine.face.landmarks import FaceOptions
+
+DEFAULT_ID = "default"
+
+
+@dataclass
+class AvatarEntry:
+    avatar_id: str
+    avatar: Avatar
+    source: str  # "default: <path>" or "upload"
+    created_s: float = field(default_factory=time.time)
+
+    def describe(self) -> dict:
+        h, w = self.avatar.image.shape[:2]
+        return {"id": self.avatar_id, "source": self.source, "width": w, "height": h, "notes": list(self.avatar.notes)}
+
+
+class AvatarStore:
+    """Prepared avatars by id; ``await store.upload(data)`` adds one from encoded image bytes."""
+
+    def __init__(self, runtime: Any, *, max_avatars: int = 32, max_pixels: int = 40_000_000):
+        self.runtime = runtime
+        self.max_avatars = max_avatars  # uploads kept at most (least recently used go first; never the default)
+        self.max_pixels = max_pixels  # larger images are refused from their header, before decoding
+        self._entries: OrderedDict[str, AvatarEntry] = OrderedDict()
+        self._busy = asyncio.Lock()  # one preparation at a time
+        self._inflight: dict[str, asyncio.Future] = {}  # id -> the preparation under way
+
+    def __contains__(self, avatar_id: str) -> bool:
+        return avatar_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, avatar_id: str) -> Avatar:
+        """The avatar; raises KeyError for an unknown id."""
+        entry = self._entries[avatar_id]
+        self._entries.move_to_end(avatar_id)
+        return entry.avatar
+
+    def describe(self) -> list[dict]:
+        return [e.describe() for e in self._entries.values()]
+
+    def add(self, avatar_id: str, avatar: Avatar, source: str) -> AvatarEntry:
+        """Keep an already prepared avatar (the default, or one prepared elsewhere)."""
+        entry = self._entries[avatar_id] = AvatarEntry(avatar_id, avatar, source)
+        uploads = [k for k, e in self._entries.items() if e.source == "upload"]
+        for k in uploads[: max(0, len(uploads) - self.max_avatars)]:
+            del self._entries[k]
+        return entry
+
+    async def load_default(self, portrait: str | Path) -> AvatarEntry:
+        """Prepare ``portrait`` (a file; the face picked as ``avatar render`` does) as ``default``."""
+        loop = asyncio.get_running_loop()
+        crop = self.runtime.bundle.crop_size_px
+
+        def prepare() -> Avatar:
+            return prepare_avatar(load_portrait(portrait), self.runtime, crop_size_px=crop)
+
+        async with self._busy:
+            avatar = await loop.run_in_executor(None, prepare)
+        return self.add(DEFAULT_ID, avatar, f"default: {Path(portrait).name}")
+
+    async def upload(self, data: bytes) -> tuple[AvatarEntry, bool]:
+        """Prepare an uploaded image; returns (entry, created). Raises the engine's AvatarInputError
+        subclasses: UnreadableMediaError (not an image), ImageTooLargeError, NoFaceError,
+        MultipleFacesError, FaceTooSmallError."""
+        avatar_id = hashlib.sha256(data).hexdigest()[:32]
+        if avatar_id in self._entries:
+            self._entries.move_to_end(avatar_id)
+            return self._entries[avatar_id], False
+        if avatar_id in self._inflight:  # the same bytes are being prepared: share the result
+            await asyncio.shield(self._inflight[avatar_id])
+            return self._entries[avatar_id], False
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[avatar_id] = fut
+        try:
+            entry = await self._prepare(avatar_id, data)
+            fut.set_result(None)
+            return entry, True
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        finally:
+            del self._inflight[avatar_id]
+
+    async def _prepare(self, avatar_id: str, data: bytes) -> AvatarEntry:
+        self._check_pixels(data)
+        loop = asyncio.get_running_loop()
+        crop = self.runtime.bundle.crop_size_px
+        opts = FaceOptions(on_multiple="refuse", max_image_pixels=self.max_pixels)
+
+        def prepare() -> Avatar:
+            image = decode_portrait(data, what="the uploaded image")
+            return prepare_avatar(image, self.runtime, crop_size_px=crop, opts=opts, what="the uploaded image")
+
+        async with self._busy:
+            avatar = await loop.run_in_executor(None, prepare)
+        return self.add(avatar_id, avatar, "upload")
+
+    def _check_pixels(self, data: bytes) -> None:
+        """Refuse a decompression bomb from its header (Pillow reads only the header), before OpenCV decodes it."""
+        try:
+            from PIL import Image
+        except ImportError:
+            return
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(f"the uploaded image is too large: {e}") from None
+        except (OSError, ValueError, SyntaxError):  # not an image Pillow knows (UnidentifiedImageError is an OSError): OpenCV decides
+            return
+        if w * h > self.max_pixels:
+            raise ImageTooLargeError(f"the uploaded image is {w}x{h} = {w * h} pixels, more than {self.max_pixels}")

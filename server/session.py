@@ -1,0 +1,205 @@
+"""One session: one RTCPeerConnection, one Pipeline, its source and its two tracks.
+
+    offer SDP --answer()--> answer SDP
+    the peer's audio track (an offer whose audio m-line sends)  --TrackSource--\\
+    or pushed PCM (HTTP, WebSocket)                 --PushSource--------------> Pipeline
+        -> FramePacer -> AvatarVideoTrack + AvatarAudioTrack -> the peer
+
+The pipeline starts when the peer's connection asks for media (a track's first ``recv``), not at
+the offer, so no frames pile up while ICE and DTLS connect. The session closes itself when the
+connection fails or closes, when the input ends, when the pipeline fails, or when no media
+connection comes within ``connect_timeout_s``; ``close()`` is idempotent and leaves no task behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, sdp as aiortc_sdp
+from aiortc.mediastreams import MediaStreamTrack
+
+from engine.avatar import Avatar
+from engine.errors import AvatarInputError
+from engine.pipeline.pipeline import Pipeline, PipelineConfig, PipelineError
+from engine.pipeline.sources import AudioSource, PushSource, TrackSource
+from server.tracks import AvatarAudioTrack, AvatarVideoTrack, FramePacer
+
+log = logging.getLogger("avatar.server")
+
+
+class OfferError(ValueError):
+    """The offer cannot be answered (malformed SDP, no video m-line, ...): the client's error."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    steps: int | None = None  # denoising steps (None: the bundle's)
+    connect_timeout_s: float = 30.0  # close the session if no media connection comes within this
+    push_buffer_s: float = 10.0  # pushed audio queued ahead of the pipeline at most (pushes wait beyond)
+
+
+def offer_media(sdp_text: str) -> dict[str, str]:
+    """``{kind: direction}`` of the offer's first audio and video m-lines; raises OfferError."""
+    if not sdp_text.lstrip().startswith("v=0"):
+        raise OfferError("malformed SDP: a session description starts with 'v=0'")
+    try:
+        desc = aiortc_sdp.SessionDescription.parse(sdp_text)
+    except Exception as e:  # aiortc's parser raises ValueError, KeyError, IndexError... on bad lines
+        raise OfferError(f"malformed SDP: {type(e).__name__}: {e}") from e
+    if not desc.media:
+        raise OfferError("malformed SDP: no media sections ('m=' lines)")
+    media: dict[str, str] = {}
+    for m in desc.media:
+        if m.kind in ("audio", "video") and m.kind not in media:
+            media[m.kind] = m.direction or "sendrecv"
+    if media.get("video") not in ("recvonly", "sendrecv"):
+        raise OfferError("the offer has no video m-line that receives: add a video transceiver with direction "
+                         "'recvonly' (the avatar's video is sent to you)")
+    return media
+
+
+class Session:
+    """``s = Session(...); answer = await s.answer(offer_sdp); ...; await s.close("why")``"""
+
+    def __init__(self, session_id: str, runtime: Any, avatar: Avatar, avatar_id: str, config: SessionConfig = SessionConfig(),
+                 *, on_closed: Callable[["Session"], None] | None = None):
+        self.id = session_id
+        self.avatar_id = avatar_id
+        self.config = config
+        self.created_s = time.time()
+        self.on_closed = on_closed
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only: no STUN server contacted
+        self.pipeline = Pipeline(runtime, avatar, PipelineConfig(realtime=True, steps=config.steps))
+        self.pacer = FramePacer(runtime.bundle.fps, metrics=self.pipeline.metrics)
+        self.video = AvatarVideoTrack(self.pacer)
+        self.audio = AvatarAudioTrack(self.pacer)
+        self.source: AudioSource | None = None
+        self.push: PushSource | None = None  # set when the input is pushed PCM
+        self.input = "none"  # "track": the peer's audio track; "push": HTTP / WebSocket PCM
+        self.state = "new"  # new -> connecting -> streaming -> closed
+        self.close_reason: str | None = None
+        self.error: str | None = None  # the pipeline's error, if it failed
+        self.closed = asyncio.Event()
+        self._closing = False
+        self._tasks: set[asyncio.Task] = set()
+        self._closer: asyncio.Task | None = None
+        self._websockets: set[Any] = set()  # aiohttp WebSocketResponses pushing into this session
+        self._remote_audio: MediaStreamTrack | None = None
+
+        @self.pc.on("track")
+        def _on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio" and self._remote_audio is None:
+                self._remote_audio = track
+
+        @self.pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            state = self.pc.connectionState
+            log.info("session %s: connection %s", self.id, state)
+            if state in ("failed", "closed"):
+                self.close_soon(f"connection {state}")
+
+    # -- signalling ----------------------------------------------------------------------------
+
+    async def answer(self, offer_sdp: str) -> RTCSessionDescription:
+        """Answer the offer and start waiting for the media connection; raises OfferError."""
+        media = offer_media(offer_sdp)
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except Exception as e:  # aiortc: ValueError, OperationError (no common codec), InvalidAccessError...
+            raise OfferError(f"cannot use the offer: {type(e).__name__}: {e}") from e
+        self.pc.addTrack(self.video)
+        self.pacer.audio = media.get("audio") in ("sendrecv", "recvonly")
+        if "audio" in media:
+            self.pc.addTrack(self.audio)
+        if self._remote_audio is not None:
+            self.source, self.input = TrackSource(self._remote_audio), "track"
+        else:
+            self.push = PushSource(max_buffer_s=self.config.push_buffer_s)
+            self.source, self.input = self.push, "push"  # a reply pushed at once is generated ahead; the tracks pace it
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self.state = "connecting"
+        self._spawn(self._run(), "session-run")
+        return self.pc.localDescription
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _spawn(self, coro, name: str) -> None:
+        t = asyncio.create_task(coro, name=f"{name}-{self.id}")
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        reason = "the input ended"
+        try:
+            try:
+                await asyncio.wait_for(self.pacer.wanted.wait(), self.config.connect_timeout_s)
+            except asyncio.TimeoutError:
+                reason = f"no media connection within {self.config.connect_timeout_s:g} s"
+                return
+            self.state = "streaming"
+            self.pipeline.start(self.source)
+            await self.pacer.run(self.pipeline.frames())
+        except (PipelineError, AvatarInputError) as e:
+            self.error = str(e)
+            reason = f"the pipeline failed: {e}"
+            log.error("session %s: %s", self.id, reason)
+        finally:
+            self.pacer.end()
+            self.close_soon(reason)
+
+    def close_soon(self, reason: str) -> None:
+        """Close from a callback (or from inside the session): a task that the session keeps."""
+        if not self._closing and self._closer is None:
+            self._closer = asyncio.get_running_loop().create_task(self.close(reason), name=f"session-close-{self.id}")
+
+    async def close(self, reason: str = "closed") -> None:
+        """Stop everything: tasks cancelled and awaited, tracks stopped, pipeline and connection closed."""
+        if self._closing:
+            await self.closed.wait()
+            return
+        self._closing = True
+        self.close_reason = reason
+        log.info("session %s: closing (%s)", self.id, reason)
+        me = asyncio.current_task()
+        others = [t for t in self._tasks if t is not me]
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        self.pacer.end()
+        self.video.stop()
+        self.audio.stop()
+        for ws in list(self._websockets):
+            await self._bounded(ws.close(message=b"session closed"), "closing a WebSocket")
+        await self.pipeline.aclose()  # its tasks, its worker thread, the source
+        await self._bounded(self.pc.close(), "closing the peer connection")
+        self.state = "closed"
+        self.closed.set()
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    async def _bounded(self, coro, what: str, timeout_s: float = 10.0) -> None:
+        """A step of closing that cannot keep the session (and its capacity) forever."""
+        try:
+            await asyncio.wait_for(coro, timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("session %s: %s took over %g s; given up", self.id, what, timeout_s)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def attach_websocket(self, ws: Any) -> None:
+        self._websockets.add(ws)
+
+    def detach_websocket(self, ws: Any) -> None:
+        self._websockets.discard(ws)
+
+    def describe(self) -> dict:
+        p = self.pipeline
+        return {"session_id": self.id, "avatar": self.avatar_id, "input": self.input, "state": self.state,
+                "connection": self.pc.connectionState, "age_s": round(time.time() - self.created_s, 3),
+                "steps": p.steps, "lookahead_ms": round(p.lookahead_ms, 1), "error": self.error,
+                "metrics": p.metrics.snapshot()}
