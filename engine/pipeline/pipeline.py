@@ -478,7 +478,7 @@ class Pipeline:
         if lat_ms > budget or backlog >= 2:
             self.steps = max(self.config.min_steps, self.steps - 1)
             self._good = 0
-        elif lat_ms < budget - 500.0 / self.fps and backlog == 0:  # half a frame period of headroom
+        elif lat_ms < budget - 1000.0 / self.fps and backlog == 0:  # a frame period of headroom
             self._good += 1
             if self._good >= self.config.recover_frames and self.steps < self.full_steps:
                 self.steps += 1
