@@ -134,14 +134,10 @@ class FrameGenerator:
         mask[y0p : y0p + side, x0p : x0p + side] = px_mask
         return self._with_blink(crop, mask)
 
-    def idle_frame(self) -> np.ndarray:
-        """The portrait as it is (mouth closed), blinking: no model runs. The next generated frame
-        starts afresh (no previous output), as at the start of an utterance."""
-        self.previous = None
-        return self.idle_compose()
-
     def idle_compose(self) -> np.ndarray:
-        """The compositing half of ``idle_frame`` (the caller resets ``previous``)."""
+        """An idle frame: the portrait as it is (mouth closed), blinking and swaying; no model runs.
+        The caller sets ``previous`` to None (or ``reset()``s), so that the next generated frame
+        starts afresh, as at the start of an utterance."""
         s = self.avatar.crop_size_px
         return self._with_blink(self.avatar.crop, np.zeros((s, s), np.float32))
 

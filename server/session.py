@@ -173,7 +173,7 @@ class Session:
         self.audio.stop()
         for ws in list(self._websockets):
             await self._bounded(ws.close(message=b"session closed"), "closing a WebSocket")
-        await self.pipeline.aclose()  # its tasks, its worker thread, the source
+        await self.pipeline.aclose()  # its tasks, its worker threads, the source
         await self._bounded(self.pc.close(), "closing the peer connection")
         self.state = "closed"
         self.closed.set()

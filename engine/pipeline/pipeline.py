@@ -3,9 +3,10 @@ the audio of its own span (so a sink that plays them together is in sync by cons
 
 One pipeline for live and offline (``avatar render`` runs it with a file source in fast mode):
 
-    source --(reader task)--> chunk queue --(ingest task: VAD, timeline)--> frame scheduler
-        --(one worker thread: audio features, A2L, denoiser steps, decoder, compositor)-->
-        bounded output queue --> ``async for frame in pipeline.frames()``
+    source --(reader task)--> chunk queue --(scheduler task: VAD, timeline, clock)-->
+        stage A thread (audio features, A2L, warp, denoiser steps) --> in-flight queue (2) -->
+        stage B thread (decoder, compositing, blink, sway; overlaps A's next frame) -->
+        emitter task (in order) --> bounded output queue --> ``async for frame in pipeline.frames()``
 
 Timeline and clock. Input audio is appended to a *timeline* (16 kHz); frame ``k`` of the timeline
 covers samples ``[k * 16000 / fps, (k + 1) * 16000 / fps)`` and is ready once the audio lookahead
@@ -343,8 +344,7 @@ class Pipeline:
                 if late and now >= next_idle:  # 4. nothing to say: an idle frame on the clock
                     if self._n_samples:  # audio comes back later as a new utterance
                         self._new_segment()
-                    self.gen.previous = None  # stage A is not running here: nothing was ready
-                    fut = loop.run_in_executor(self._compose_executor, self._idle_image)
+                    fut = loop.run_in_executor(self._compose_executor, self._compose, "idle", None)  # A resets at the next utterance
                     await self._inflight.put((fut, (self._epoch, np.zeros(self.frame_samples, np.float32), "idle", 0, None, None, 0, False)))
                     next_idle = max(next_idle + period, loop.time() - period)
                     continue
@@ -357,11 +357,6 @@ class Pipeline:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except asyncio.TimeoutError:
                     pass
-
-    def _idle_image(self) -> np.ndarray:
-        """Stage B: an idle frame on the clock (the source has nothing)."""
-        with self.metrics.time("idle"):
-            return self.gen.idle_compose()
 
     async def _emit_timeline_frame(self) -> None:
         """Generate (or drop) timeline frame k and put it out."""
@@ -419,6 +414,12 @@ class Pipeline:
             if image is None:
                 image = self._last_image
             self._last_image = image
+            if kind == "dropped":  # counted here, after the epoch check: frames a barge-in discarded are not counted
+                self.metrics.counter("frames_dropped").inc()
+            elif kind == "idle":
+                self.metrics.counter("idle_frames").inc()
+            elif steps < self.full_steps:
+                self.metrics.counter("frames_degraded").inc()
             await self._emit(image, audio, kind, steps, arrival, due)
             if degrade and kind != "dropped":
                 self._adapt(due, backlog, kind)
@@ -448,24 +449,18 @@ class Pipeline:
         t1 = time.perf_counter()
         self.metrics.stage("features").observe(1000.0 * (t1 - t0))
         if drop:
-            self.metrics.counter("frames_dropped").inc()
             return "dropped", None
         if not speaking:
-            self.metrics.counter("idle_frames").inc()
             self.gen.previous = None  # the next speech frame starts afresh, as after an idle frame
             return "idle", None
         latent = self.gen.latent(lm, torch.from_numpy(fe.tokens(k, self.gen.den_cfg.audio_tokens)), steps=steps)
         self.metrics.stage("denoise").observe(1000.0 * (time.perf_counter() - t1))
-        if steps < self.full_steps:
-            self.metrics.counter("frames_degraded").inc()
         return "speech", latent
 
     async def _emit(self, image: np.ndarray, audio: np.ndarray, kind: str, steps: int, arrival: float | None,
                     due: float | None = None) -> None:
         fr = OutputFrame(self._n_out, self._n_out / self.fps, image, audio, kind, steps, arrival, 0.0, due)
         self._n_out += 1
-        if kind == "idle" and arrival is None:
-            self.metrics.counter("idle_frames").inc()
         self.metrics.gauge("out_queue_depth").set(self._out.qsize())
         await self._out.put(fr)
 

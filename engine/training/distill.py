@@ -89,7 +89,6 @@ def distill(bundle_dir: str | Path, data_dirs: list[str], out_dir: str | Path, *
             tcfg: TrainConfig = TrainConfig(), mask_weight: float = 4.0, **opts) -> dict[int, Path]:
     """Rounds teacher_steps/2, /4, ... down to ``target_steps``; returns steps -> the student's model stem."""
     from engine.bundle import load_bundle
-    from engine.face.region import moving_indices  # noqa: F401  (the data pipeline's landmark set)
     from engine.models.io import save_model
     from engine.training.data import FrameStore
     from engine.training.denoiser import LatentTable, _file_hash, build_batch
