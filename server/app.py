@@ -15,15 +15,15 @@ Routes (JSON unless said; errors are ``{"error": "..."}`` with the status below)
     GET    /avatars                      {avatars: [{id, source, width, height, notes}]}
     POST   /avatars                      an image (multipart field or raw body) -> {id, ...}; 201 new, 200 known;
                                          400 not an image, 413 too large, 422 no face / several faces / too small
-    GET    /healthz                      {ok, sessions, capacity} (never needs the token)
+    GET    /healthz                      {ok, sessions, capacity} (never needs the token, nor does the page)
     GET    /metrics                      Prometheus text: server gauges, every session's pipeline metrics labelled session="id"
     GET    /                             the web client (clients/web/index.html) or a short text page
 
 A session's audio comes from the peer's audio track when its offer's audio m-line sends
 (sendrecv / sendonly); otherwise it is pushed over HTTP or the WebSocket.
 
-Security: listens on 127.0.0.1 unless told otherwise; with a token, every route but /healthz
-needs ``Authorization: Bearer <token>`` (or ``?token=`` for browsers' WebSockets and pages);
+Security: listens on 127.0.0.1 unless told otherwise; with a token, every route but /healthz and
+the web page's static files needs ``Authorization: Bearer <token>`` (or ``?token=`` for browsers' WebSockets and pages);
 cross-origin requests are refused (403) unless their origin is in ``cors_origins``; bodies are
 size-limited (413).
 """
@@ -53,7 +53,7 @@ from server.session import OfferError, Session, SessionConfig, offer_media
 log = logging.getLogger("avatar.server")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WEB_DIR = REPO_ROOT / "clients" / "web"  # the web client, written separately; served at / when present
+WEB_DIR = REPO_ROOT / "clients" / "web"  # the web client (static files, no build step), served at /
 DEMO_PORTRAIT = REPO_ROOT / "engine" / "assets" / "demo" / "astronaut.jpg"
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.(html|js|mjs|css|png|jpg|svg|ico|json|map|wasm)$")
 _CONTENT_TYPES = {"html": "text/html", "js": "text/javascript", "mjs": "text/javascript", "css": "text/css", "png": "image/png",
@@ -224,10 +224,16 @@ async def _cors(request: web.Request, handler):
     return resp
 
 
+def _public(request: web.Request) -> bool:
+    """Needs no token: /healthz, and the web page with its static files (no secrets; the page asks for the token)."""
+    path = request.path
+    return path == "/healthz" or (request.method in ("GET", "HEAD") and (path == "/" or bool(_STATIC_NAME.match(path[1:]))))
+
+
 @web.middleware
 async def _auth(request: web.Request, handler):
     token = request.app[STATE].config.token
-    if token is None or request.path == "/healthz":
+    if token is None or _public(request):
         return await handler(request)
     given = request.headers.get("Authorization", "")
     given = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
@@ -539,8 +545,13 @@ async def serve(runtime: Any, config: ServerConfig, *, ready: asyncio.Event | No
     print(f"avatar serve: listening on http://{host}:{port} ({runtime.backend}, {runtime.threads} threads, "
           f"at most {config.max_sessions} session{'s' if config.max_sessions != 1 else ''}"
           f"{', token required' if config.token else ''})", flush=True)
-    page = "the web client" if (config.web_dir / "index.html").is_file() else "a placeholder page (clients/web/index.html is not there yet)"
-    print(f"  web page: http://{host}:{port}/ ({page}); API: POST /offer, GET /healthz, GET /metrics, GET/POST /avatars", flush=True)
+    query = "?token=<token>" if config.token else ""
+    if (config.web_dir / "index.html").is_file():
+        print(f"  open http://{host}:{port}/{query} in a browser on this machine: pick an avatar, press start, speak", flush=True)
+    else:
+        print(f"  http://{host}:{port}/ shows the API (the web client, {config.web_dir}/index.html, is missing)", flush=True)
+    print("  API: POST /offer, GET /healthz, GET /metrics, GET/POST /avatars; Python client: avatar client --server "
+          f"http://{host}:{port} --audio FILE", flush=True)
     print(f"  avatars: {', '.join(e['id'] for e in st.avatars.describe())}; stop with Ctrl-C", flush=True)
     if ready is not None:
         ready.set()

@@ -396,17 +396,19 @@ def test_offer_and_upload_errors(rig):
 
 
 def test_token_and_cors(rig):
-    """With a token every route but /healthz needs it (header or ?token=); cross-origin callers are
+    """With a token every route but /healthz and the web page needs it (header or ?token=); cross-origin callers are
     refused unless allowed, and allowed ones get CORS headers and a preflight answer."""
 
     async def run():
         async with serving(rig, token="s3cret", cors_origins=("http://good.example",)) as (base, _), aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
             auth = {"Authorization": "Bearer s3cret"}
             assert (await http.get(f"{base}/healthz")).status == 200
-            for method, path in (("GET", "/avatars"), ("GET", "/metrics"), ("POST", "/offer"), ("GET", "/"), ("DELETE", "/sessions/x")):
+            for method, path in (("GET", "/avatars"), ("GET", "/metrics"), ("POST", "/offer"), ("POST", "/"), ("DELETE", "/sessions/x")):
                 r = await http.request(method, f"{base}{path}")
                 assert r.status == 401, (method, path, r.status)
                 assert r.headers.get("WWW-Authenticate") == "Bearer"
+            for path in ("/", "/app.js", "/style.css"):  # the page is public: it asks for the token itself
+                assert (await http.get(f"{base}{path}")).status == 200, path
             assert (await http.get(f"{base}/avatars", headers={"Authorization": "Bearer wrong"})).status == 401
             assert (await http.get(f"{base}/avatars", headers=auth)).status == 200
             assert (await http.get(f"{base}/metrics?token=s3cret")).status == 200

@@ -1,0 +1,133 @@
+"""The web client (clients/web) end to end in headless Chromium against the real server on 127.0.0.1:
+the page lists the avatars, sends its (fake) microphone, fed from a speech file of ../shared/data,
+receives the avatar's frames, and the mouth region changes while the speech plays and not while
+it is silent; the overlay shows frames/s and latency; stop closes the session on the server.
+
+The fake microphone loops a wav of silence, speech, silence. The server's pacer tap says which
+slots were speech; the page's frames are put on those slots by their RTP timestamps (one
+constant offset, found by matching pictures)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import wave
+
+import numpy as np
+import pytest
+
+from engine.audio import decode_audio
+from server.app import STATE
+from tests.browser import Browser, chromium_path
+from tests.test_server import SLOT_90K, _lower_face, rig, serving  # noqa: F401  (rig: the fixture)
+
+pytestmark = pytest.mark.skipif(chromium_path() is None, reason="no Chromium on this machine: `scripts/install.sh --dev` "
+                                "installs Debian's chromium when run as root (or set AVATAR_CHROMIUM to a Chromium binary)")
+
+SPEECH = "speech/echomimic__assets_test_audios_jane.wav"
+LEAD_S, SPEECH_S, TAIL_S = 1.5, 2.5, 1.5  # the fake microphone's loop
+
+
+def _fake_mic(shared: object, path) -> None:
+    voice = decode_audio(shared / SPEECH, sample_rate_hz=48000)
+    speech = voice[int(0.3 * 48000) : int((0.3 + SPEECH_S) * 48000)]
+    x = np.concatenate([np.zeros(int(LEAD_S * 48000)), speech, np.zeros(int(TAIL_S * 48000))])
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(48000)
+        f.writeframes(np.clip(np.round(x * 32767), -32768, 32767).astype("<i2").tobytes())
+
+
+def test_page_streams_the_microphone_and_the_mouth_moves(rig, shared_data, tmp_path):
+    _, _, avatar, _ = rig
+    rows, cols = _lower_face(avatar)
+    region = {"x": cols.start, "y": rows.start, "w": cols.stop - cols.start, "h": rows.stop - rows.start}
+    mic = tmp_path / "mic.wav"
+    _fake_mic(shared_data, mic)
+
+    async def run():
+        async with serving(rig) as (base, app):
+            st = app[STATE]
+            tap: dict[int, tuple[np.ndarray, str]] = {}
+            async with Browser.launch(f"{base}/?autostart=1", fake_audio=mic) as b:
+                options = await b.wait_for("[...document.querySelectorAll('#avatar option')].map(o => o.value)", 20)
+                assert options == ["default"]
+                await b.wait_for("window.avatarClient.session && window.avatarClient.session.id", 30)
+                sid = await b.evaluate("window.avatarClient.session.id")
+                session = st.sessions[sid]
+                assert session.input == "track", "the page's microphone is the session's input"
+                session.pacer.tap = lambda slot, f, pcm: tap.__setitem__(slot, (f.image[rows, cols].astype(np.float32), f.kind))
+                await b.wait_for("window.avatarClient.session.state === 'connected'", 30)
+                await b.wait_for("(window.avatarClient.session.stats.fps || 0) > 10", 30)
+                await b.evaluate(f"window.avatarClient.record({{x: {region['x']}, y: {region['y']}, w: {region['w']}, "
+                                 f"h: {region['h']}}}, 400)")
+                t_end = time.monotonic() + 2 * (LEAD_S + SPEECH_S + TAIL_S)  # two loops of the fake microphone
+                records = []
+                while time.monotonic() < t_end:
+                    await asyncio.sleep(1.0)
+                    records += await b.evaluate("window.avatarClient.takeRecords()")
+                stats = await b.evaluate("window.avatarClient.session.stats")
+                overlay = await b.evaluate("document.getElementById('overlay').textContent")
+                await b.evaluate("window.avatarClient.stop()")
+                t_end = time.monotonic() + 10
+                while st.sessions and time.monotonic() < t_end:
+                    await asyncio.sleep(0.1)
+                assert not st.sessions, "stop did not close the session on the server"
+                assert b.console == [] or not any(c.startswith("exception") for c in b.console), b.console
+            return tap, records, stats, overlay
+
+    tap, records, stats, overlay = asyncio.run(run())
+
+    # the page received frames at about the frame rate and shows its numbers
+    assert stats["fps"] > 15, stats
+    assert stats["firstFrameMs"] is not None and stats["firstFrameMs"] < 10_000, stats
+    assert stats["latencyMs"] is not None and 0 < stats["latencyMs"] < 5000, stats
+    assert "fps" in overlay and "latency  ≈" in overlay, overlay
+    assert len(records) > 100, len(records)
+
+    # put the page's frames on the server's slots: RTP timestamps are slot * 3600 plus one unknown offset
+    assert all(r["rtp"] is not None for r in records), "the browser gave no RTP timestamps"
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    crops = [np.frombuffer(base64.b64decode(r["rgb"]), np.uint8).reshape(h, w, 3).astype(np.float32) for r in records]
+    rel = [((r["rtp"] - records[0]["rtp"]) % 2**32) // SLOT_90K for r in records]
+    slots = sorted(tap)
+
+    def mismatch(k: int) -> float:
+        d = [np.abs(c - tap[s + k][0]).mean() for c, s in zip(crops, rel) if s + k in tap]
+        return float(np.mean(d)) if len(d) > len(crops) // 2 else np.inf
+
+    k = min(range(slots[0] - rel[0], slots[-1] - rel[0] + 1), key=mismatch)
+    assert mismatch(k) < 6.0, f"the page's frames match no run of the server's frames ({mismatch(k):.1f})"
+
+    # the mouth region changes while speech plays (generated frames), not while it is silent
+    portrait = avatar.image[rows, cols].astype(np.float32)
+    kinds = {"speech": [], "idle": []}
+    for c, s in zip(crops, rel):
+        kind = tap.get(s + k, (None, None))[1]
+        if kind in kinds:
+            kinds[kind].append(float(np.abs(c - portrait).mean()))
+    assert len(kinds["speech"]) >= 20 and len(kinds["idle"]) >= 20, {n: len(v) for n, v in kinds.items()}
+    speech, idle = np.median(kinds["speech"]), np.median(kinds["idle"])
+    assert speech > 2 * idle + 2, (speech, idle)
+
+
+def test_page_errors_are_clear(rig):
+    """Without the server's token the page says how to give it; with it, the avatars are listed; an
+    offer over capacity is refused with the server's reason and its Retry-After."""
+
+    async def run():
+        async with serving(rig, token="s3cret", max_sessions=0) as (base, app):
+            async with Browser.launch(f"{base}/") as b:
+                status = await b.wait_for("window.avatarClient && window.avatarClient.status().error && window.avatarClient.status().text", 20)
+                assert "401" not in status and "token" in status, status
+                await b.navigate(f"{base}/?token=s3cret&input=none")
+                options = await b.wait_for("window.avatarClient && [...document.querySelectorAll('#avatar option')].map(o => o.value)", 20)
+                assert options == ["default"]
+                await b.evaluate("window.avatarClient.start()")
+                status = await b.wait_for("window.avatarClient.status().error && window.avatarClient.status().text", 20)
+                assert "capacity" in status and "retry in" in status, status
+                assert await b.evaluate("window.avatarClient.session") is None
+                assert not app[STATE].sessions
+
+    asyncio.run(run())
