@@ -118,6 +118,24 @@ def _cmd_live(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vcam(a: argparse.Namespace) -> int:
+    from clients.vcam import run_vcam
+
+    r = run_vcam(a.portrait, audio=a.audio, device=a.device, size=a.size, speaker=a.speaker, mic_device=a.mic, bundle=a.bundle,
+                 backend=a.backend, threads=a.threads, steps=a.steps, seconds=a.seconds)
+    print(json.dumps(r.as_dict()))
+    return 0
+
+
+def _vcam_size(text: str) -> tuple[int, int]:
+    from clients.vcam import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _cmd_bench_pipeline(a: argparse.Namespace) -> int:
     from benchmarks.pipeline import bench_pipeline
 
@@ -258,6 +276,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's; fewer when it falls behind)")
     _runtime_args(p)
     p.set_defaults(func=_cmd_live)
+
+    p = sub.add_parser("vcam", help="the talking portrait as a virtual camera for video calls (pyvirtualcam: v4l2loopback, OBS)")
+    p.add_argument("--portrait", default=str(DEMO / "astronaut.jpg"), help="an image with one face (default: the shipped demo portrait)")
+    p.add_argument("--audio", help="speak this file (in real time, then stay idle) instead of listening to the microphone")
+    p.add_argument("--mic", help="input device index or name (default: the system's default input)")
+    p.add_argument("--device", help="virtual camera device, e.g. /dev/video10 (default: the first one)")
+    p.add_argument("--size", type=_vcam_size, help="camera size WIDTHxHEIGHT, e.g. 1280x720 (default: the portrait's); "
+                                                   "the portrait is fitted onto a blurred copy of itself")
+    p.add_argument("--speaker", nargs="?", const=True, metavar="DEVICE",
+                   help="also play the voice, in sync with the lips, on the default output (or DEVICE, e.g. a virtual microphone)")
+    p.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's; fewer when it falls behind)")
+    _runtime_args(p)
+    p.set_defaults(func=_cmd_vcam)
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON (and a plot beside it)")
     bsub = bench.add_subparsers(dest="bench", required=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients.live import OutputDeviceUnavailable, PreviewSink, VirtualCameraSink
+from clients.sinks import OutputDeviceUnavailable, PreviewSink, VirtualCameraSink
 from engine.cli import main
 
 
