@@ -1,10 +1,10 @@
 """`avatar live` on a machine without devices: each missing device is a clear error, checked
-before anything starts (here: no display, no v4l2loopback device, no microphone)."""
+before anything starts (here: no display, no microphone; the virtual camera: tests/test_vcam.py)."""
 from __future__ import annotations
 
 import pytest
 
-from clients.sinks import OutputDeviceUnavailable, PreviewSink, VirtualCameraSink
+from clients.sinks import OutputDeviceUnavailable, PreviewSink
 from engine.cli import main
 
 
@@ -13,17 +13,6 @@ def test_preview_without_a_display_says_so(monkeypatch, capsys):
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     assert main(["live"]) == 2
     assert "no display for a preview window" in capsys.readouterr().err
-
-
-def test_virtual_camera_without_a_device_says_so(capsys):
-    try:
-        VirtualCameraSink(64, 64, 25).close()
-        pytest.skip("this machine has a virtual camera device")
-    except OutputDeviceUnavailable:
-        pass
-    assert main(["live", "--vcam"]) == 2
-    err = capsys.readouterr().err
-    assert "virtual camera" in err and ("v4l2loopback" in err or "pyvirtualcam" in err)
 
 
 def test_microphone_missing_is_a_clear_error():

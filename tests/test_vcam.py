@@ -43,15 +43,16 @@ def test_framer_centres_the_portrait_on_its_blurred_copy():
     assert Framer(img, None)(img) is img  # the portrait's own size: nothing to do
 
 
-def test_vcam_without_a_device_says_so(capsys):
+@pytest.mark.parametrize("argv", [["vcam", "--seconds", "1"], ["live", "--vcam"]])
+def test_vcam_without_a_device_says_so(argv, capsys):
     try:
         VirtualCameraSink(64, 64, 25).close()
         pytest.skip("this machine has a virtual camera device")
     except OutputDeviceUnavailable:
         pass
-    assert main(["vcam", "--seconds", "1"]) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "avatar vcam: error" in err and "virtual camera" in err and ("v4l2loopback" in err or "pyvirtualcam" in err)
+    assert f"avatar {argv[0]}: error" in err and "virtual camera" in err and ("v4l2loopback" in err or "pyvirtualcam" in err)
 
 
 class KeepingSink:
