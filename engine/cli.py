@@ -203,6 +203,14 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                         "else fp32; bf16 is for --backend torch, fp16 for tensorrt")
 
 
+def _cmd_bench_server(a: argparse.Namespace) -> int:
+    from benchmarks.server import bench_server
+
+    r = bench_server(a.out, sessions=tuple(a.sessions), audio=a.audio, bundle=a.bundle, backend=a.backend, threads=a.threads, steps=a.steps)
+    print(f"sessions holding 25 fps here: {r['sessions_holding_25fps']} ({r['caveat']}); wrote {a.out} and its .png")
+    return 0
+
+
 def _cmd_bench_models(a: argparse.Namespace) -> int:
     from benchmarks.models import bench_models, summary
 
@@ -310,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="inference threads (default: the cores this process may use)")
     p.add_argument("--repeats", type=int, default=50, help="timed calls per graph after the warm-up")
     p.set_defaults(func=_cmd_bench_models)
+
+    p = bsub.add_parser("server", help="avatar serve with N concurrent avatar client sessions: first frame, fps, audio round trip, capacity")
+    p.add_argument("--out", required=True, help="JSON report; the plot goes beside it as .png")
+    p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 3], help="concurrent sessions to try, one run each (default 1 2 3)")
+    p.add_argument("--audio", help="speech each client sends (default: a shared-data speech file, else the demo voice)")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"), help="the server's backend")
+    p.add_argument("--threads", type=int, help="the server's inference threads")
+    p.add_argument("--steps", type=int, help="denoising steps the clients ask for (default: the bundle's)")
+    p.set_defaults(func=_cmd_bench_server)
 
     p = sub.add_parser("distill", help="progressive distillation of a bundle's denoiser to fewer steps; writes a new bundle")
     p.add_argument("--bundle", help="teacher bundle (default: the shipped bundle)")

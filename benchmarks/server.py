@@ -1,0 +1,175 @@
+"""``avatar bench server``: `avatar serve` and N concurrent `avatar client` sessions on this machine.
+
+For each N in ``--sessions``, a fresh ``avatar serve --max-sessions N`` process starts (its own
+process: the server's CPU is counted apart from the clients'), N Python clients
+(``clients.python.client.run_client``, aiortc) connect at once and each speaks the same speech
+file as live audio, and every client's report is kept: connect-to-first-frame, fps received,
+timestamp gaps, the audio round trip (audio-in to frame-out as the client sees it, both jitter
+buffers included) and the server's own numbers for that session (pipeline latency, steps used,
+degraded frames). A session "holds 25 fps" when it receives at least 24 frames per second of
+wall time with at most 2 % of the timestamps skipped.
+
+Caveat, written into the JSON: the clients run on the same two cores as the server (decoding
+the video and encoding the microphone cost CPU a remote browser would spend elsewhere), so the
+capacity here is a lower bound for the server alone; ``cpu_cores_used`` shows the split.
+Writes JSON and a PNG beside it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SPEECH = REPO.parent / "shared" / "data" / "speech" / "echomimic__assets_test_audios_jane.wav"
+DEMO_VOICE = REPO / "engine" / "assets" / "demo" / "demo_voice.wav"
+HOLD_FPS = 24.0  # received frames per second of wall time for "holds 25 fps"
+HOLD_GAPS = 0.02  # fraction of timestamps skipped at most
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc), children excluded."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start_server(n: int, bundle: str | None, backend: str, threads: int | None, steps: int | None,
+                  timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--max-sessions", str(n), "--backend", backend]
+    cmd += ["--bundle", bundle] if bundle else []
+    cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--steps", str(steps)] if steps else []
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    t_end = time.monotonic() + timeout_s
+    line = ""
+    while "listening on" not in line:
+        if proc.poll() is not None or time.monotonic() > t_end:
+            proc.kill()
+            raise RuntimeError(f"avatar serve did not start within {timeout_s:g} s (exit {proc.poll()})")
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def _clients(url: str, n: int, audio: Path, steps: int | None) -> list[dict]:
+    from clients.python.client import ClientError, run_client
+
+    async def one(i: int) -> dict:
+        try:
+            return await run_client(url, audio, steps=steps)
+        except ClientError as e:
+            return {"error": str(e)}
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def _session_row(r: dict) -> dict:
+    if "error" in r:
+        return {"error": r["error"], "holds_25fps": False}
+    v, srv = r.get("video", {}), r.get("server_session") or {}
+    c = srv.get("counters") or {}
+    frames = v.get("frames", 0)
+    row = {
+        "first_frame_ms": r["connect"]["first_frame_ms"], "connected_ms": r["connect"]["connected_ms"],
+        "fps_received": v.get("fps_received"), "pts_gaps": v.get("pts_gaps"), "frames": frames,
+        "audio_roundtrip_ms": (r.get("latency") or {}).get("audio_roundtrip_ms"),
+        "roundtrip_correlation": (r.get("latency") or {}).get("correlation"),
+        "server_pipeline_latency_ms": srv.get("pipeline_latency_ms"), "server_send_latency_ms": srv.get("send_latency_ms"),
+        "server_denoise_ms": srv.get("denoise_ms"), "server_compose_ms": srv.get("compose_ms"),
+        "steps": srv.get("steps"),
+        "frames_degraded_fraction": round(c.get("frames_degraded", 0) / c["frames_out"], 3) if c.get("frames_out") else None,
+        "slots_skipped": c.get("stream_slots_skipped"), "speech_frames_dropped": c.get("stream_speech_dropped"),
+    }
+    row["holds_25fps"] = bool(frames and (row["fps_received"] or 0) >= HOLD_FPS and (row["pts_gaps"] or 0) <= HOLD_GAPS * frames)
+    return row
+
+
+def bench_server(out: str | Path, *, sessions: tuple[int, ...] = (1, 2, 3), audio: str | Path | None = None, bundle: str | None = None,
+                 backend: str = "auto", threads: int | None = None, steps: int | None = None) -> dict:
+    audio = Path(audio) if audio else (SHARED_SPEECH if SHARED_SPEECH.is_file() else DEMO_VOICE)
+    runs = []
+    for n in sessions:
+        proc, url = _start_server(n, bundle, backend, threads, steps)
+        try:
+            cpu0_srv, cpu0_me, t0 = _cpu_s(proc.pid), _cpu_s(os.getpid()), time.monotonic()
+            reports = asyncio.run(_clients(url, n, audio, steps))
+            wall = time.monotonic() - t0
+            cpu_srv, cpu_me = _cpu_s(proc.pid) - cpu0_srv, _cpu_s(os.getpid()) - cpu0_me
+        finally:
+            _stop_server(proc)
+        rows = [_session_row(r) for r in reports]
+        ok = [r for r in rows if "error" not in r]
+        mean = lambda k: round(float(np.mean([r[k] for r in ok if r.get(k) is not None])), 2) if ok else None  # noqa: E731
+        runs.append({
+            "sessions": n, "all_hold_25fps": all(r["holds_25fps"] for r in rows),
+            "fps_received_min": min((r["fps_received"] or 0 for r in ok), default=None),
+            "first_frame_ms_mean": mean("first_frame_ms"), "audio_roundtrip_ms_mean": mean("audio_roundtrip_ms"),
+            "server_pipeline_latency_p50_ms_mean": round(float(np.mean([r["server_pipeline_latency_ms"]["p50_ms"] for r in ok
+                                                                        if r.get("server_pipeline_latency_ms")])), 1) if ok else None,
+            "frames_degraded_fraction_mean": mean("frames_degraded_fraction"),
+            "cpu_cores_used": {"server": round(cpu_srv / wall, 2), "clients": round(cpu_me / wall, 2)},
+            "wall_s": round(wall, 1), "per_session": rows,
+        })
+        print(f"{n} session(s): fps min {runs[-1]['fps_received_min']}, first frame {runs[-1]['first_frame_ms_mean']} ms, "
+              f"audio round trip {runs[-1]['audio_roundtrip_ms_mean']} ms, holds 25 fps: {runs[-1]['all_hold_25fps']}, "
+              f"cores: server {runs[-1]['cpu_cores_used']['server']}, clients {runs[-1]['cpu_cores_used']['clients']}", flush=True)
+    capacity = max((r["sessions"] for r in runs if r["all_hold_25fps"]), default=0)
+    result = {
+        "benchmark": "server", "audio": str(audio), "bundle": bundle or "default", "backend": backend, "threads": threads,
+        "steps": steps, "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+        "hold_rule": f"fps_received >= {HOLD_FPS} and timestamps skipped <= {HOLD_GAPS:.0%}",
+        "sessions_holding_25fps": capacity,
+        "caveat": "the clients run on the same CPU as the server: their video decoding and audio encoding take cores a remote "
+                  "browser would not; cpu_cores_used shows the split",
+        "runs": runs,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(result, out.with_suffix(".png"))
+    return result
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    n = [r["sessions"] for r in runs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for r in runs:
+        fps = [s.get("fps_received") or 0 for s in r["per_session"]]
+        a.scatter([r["sessions"]] * len(fps), fps, color="tab:blue", alpha=0.7)
+    a.axhline(HOLD_FPS, color="tab:red", ls="--", lw=1, label=f"{HOLD_FPS:g} fps")
+    a.set(xlabel="concurrent sessions", ylabel="fps received per session", xticks=n, ylim=(0, 27))
+    a.legend(loc="lower left")
+    for key, label in (("audio_roundtrip_ms_mean", "audio round trip (client)"), ("server_pipeline_latency_p50_ms_mean", "server pipeline p50"),
+                       ("first_frame_ms_mean", "connect to first frame")):
+        b.plot(n, [r[key] or np.nan for r in runs], marker="o", label=label)
+    b.set(xlabel="concurrent sessions", ylabel="ms", xticks=n)
+    b.legend(fontsize=8)
+    fig.suptitle(f"avatar serve + avatar client on {result['cpus']} CPU cores (clients on the same cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,34 @@
+"""`avatar bench server` end to end on a tiny bundle and 1.5 s of speech, one session: a real
+`avatar serve` process and a real aiortc client; the report's fields are there and consistent
+(no timing is asserted: speed is measured, not tested)."""
+from __future__ import annotations
+
+import json
+import wave
+
+import numpy as np
+
+from engine.audio import decode_audio
+from engine.cli import DEMO, main
+from tests.tiny import tiny_bundle
+
+
+def test_bench_server_writes_json_and_plot(tmp_path):
+    b = tiny_bundle(tmp_path / "b")
+    speech = tmp_path / "speech.wav"
+    x = decode_audio(DEMO / "demo_voice.wav", sample_rate_hz=16000)[: int(1.5 * 16000)]
+    with wave.open(str(speech), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.round(x * 32767).astype("<i2").tobytes())
+    out = tmp_path / "bench" / "server.json"
+    assert main(["bench", "server", "--out", str(out), "--sessions", "1", "--audio", str(speech), "--bundle", str(b),
+                 "--backend", "torch", "--threads", "1"]) == 0
+    r = json.loads(out.read_text())
+    assert out.with_suffix(".png").is_file()
+    assert [run["sessions"] for run in r["runs"]] == [1] and r["sessions_holding_25fps"] in (0, 1)
+    (s,) = r["runs"][0]["per_session"]
+    assert "error" not in s, s
+    assert s["frames"] > 40 and 0 < s["first_frame_ms"] < 20_000 and s["fps_received"] > 0
+    assert s["audio_roundtrip_ms"] is not None and s["server_pipeline_latency_ms"]["p50_ms"] > 0
+    assert set(r["runs"][0]["cpu_cores_used"]) == {"server", "clients"}
+    assert r["sessions_holding_25fps"] == int(r["runs"][0]["all_hold_25fps"])
