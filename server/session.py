@@ -25,6 +25,7 @@ from engine.avatar import Avatar
 from engine.errors import AvatarInputError
 from engine.pipeline.pipeline import Pipeline, PipelineConfig, PipelineError
 from engine.pipeline.sources import AudioSource, PushSource, TrackSource
+from server.jitter import set_audio_prefetch
 from server.tracks import AvatarAudioTrack, AvatarVideoTrack, FramePacer
 
 log = logging.getLogger("avatar.server")
@@ -39,6 +40,7 @@ class SessionConfig:
     steps: int | None = None  # denoising steps (None: the bundle's)
     connect_timeout_s: float = 30.0  # close the session if no media connection comes within this
     push_buffer_s: float = 10.0  # pushed audio queued ahead of the pipeline at most (pushes wait beyond)
+    audio_jitter_packets: int = 1  # packets of the peer's audio held before decoding (aiortc's default 4 = 80 ms; server/jitter.py)
 
 
 def offer_media(sdp_text: str) -> dict[str, str]:
@@ -110,6 +112,9 @@ class Session:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as e:  # aiortc: ValueError, OperationError (no common codec), InvalidAccessError...
             raise OfferError(f"cannot use the offer: {type(e).__name__}: {e}") from e
+        for t in self.pc.getTransceivers():
+            if t.kind == "audio":
+                set_audio_prefetch(t.receiver, self.config.audio_jitter_packets)
         self.pc.addTrack(self.video)
         self.pacer.audio = media.get("audio") in ("sendrecv", "recvonly")
         if "audio" in media:

@@ -33,6 +33,7 @@ from engine.runtime import load_runtime
 from server.app import STATE, ServerConfig, create_app, _merge_prometheus
 from server.avatars import AvatarStore
 from server.ice import pin_host_addresses
+from server.jitter import audio_prefetch
 from server.tracks import Upsampler
 from tests.tiny import tiny_bundle
 
@@ -171,6 +172,7 @@ def test_stream_over_webrtc(rig):
             assert r.status == 200, await r.text()
             session = st.sessions[peer.session_id]
             assert session.input == "track"
+            assert [audio_prefetch(t.receiver) for t in session.pc.getTransceivers() if t.kind == "audio"] == [1]
             session.pacer.tap = lambda slot, f, pcm: tap.__setitem__(slot, (f.image[rows, cols].astype(np.float32), pcm, f.kind))
             await peer.wait_video(25, 15.0)
             assert len(peer.video) >= 25, "no video"
@@ -452,6 +454,7 @@ def test_python_client_measures_and_records(rig, tmp_path):
     assert rep["video"]["frames"] > 40 and rep["video"]["fps_received"] > 15
     lat = rep["latency"]
     assert lat["correlation"] > 0.2 and 50 < lat["audio_roundtrip_ms"] < 2000, lat
+    assert lat["client_audio_jitter_packets"] == 1
     assert rep["av"]["release_skew_ms"] is not None and "measures" in rep
     with av.open(str(tmp_path / "out.mp4")) as c:
         assert {s.type for s in c.streams} == {"video", "audio"}
@@ -504,3 +507,23 @@ def test_upsampler_and_metrics_merge():
     lines = _merge_prometheus([("a", a), ("b", a)], "session")
     assert lines.count("# TYPE avatar_x_total counter") == 1
     assert 'avatar_x_total{session="b"} 3' in lines and 'avatar_h_bucket{session="a",stage="s",le="+Inf"} 1' in lines
+
+
+def test_audio_jitter_buffer_is_set_on_both_ends():
+    """aiortc holds 4 audio packets (80 ms) before decoding; server/jitter.py sets it to what the
+    session (and the client) asks for, reaching into aiortc's private state: an aiortc release that
+    changes it fails here rather than silently adding 60 ms to every session."""
+    from server.jitter import set_audio_prefetch
+
+    async def run():
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        audio = pc.addTransceiver("audio", direction="sendrecv")
+        video = pc.addTransceiver("video", direction="recvonly")
+        assert audio_prefetch(audio.receiver) == 4  # aiortc's default, as documented in server/jitter.py
+        assert set_audio_prefetch(audio.receiver, 1) and audio_prefetch(audio.receiver) == 1
+        assert not set_audio_prefetch(video.receiver, 1)  # a video receiver is left alone
+        with pytest.raises(ValueError):
+            set_audio_prefetch(audio.receiver, 0)
+        await pc.close()
+
+    asyncio.run(run())

@@ -20,8 +20,8 @@ What it measures (all on this process's monotonic clock; printed with the number
   server re-emits the input audio on the same media clock as the frames, so this is the
   audio-in to frame-out delay of the whole path as this client sees it: encode, network, the
   server's jitter buffer, the pipeline (lookahead, generation, queues), its pacing, and this
-  receiver's jitter buffer (aiortc's audio jitter buffer holds 4 packets, ~80 ms, on both ends; a
-  browser's is shorter). ``correlation`` is the normalised peak (near 1: a clean match).
+  receiver's jitter buffer (aiortc's audio jitter buffer holds 4 packets, 80 ms, by default; the
+  server and this client set it to 1 packet, ``server/jitter.py``). ``correlation`` is the normalised peak (near 1: a clean match).
 - ``av.release_skew_ms``: median (release - timestamp) of the video frames minus that of the audio
   frames: how much later this receiver hands out a video frame than the audio of the same media
   time. The server stamps both streams from one clock starting at the same instant, so this is the
@@ -45,6 +45,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from clients.python.record import Mp4Recorder
 from engine.audio.decode import decode_audio
 from server.ice import is_loopback_host, pin_host_addresses
+from server.jitter import audio_prefetch, set_audio_prefetch
 
 RATE_HZ = 48000  # what the client sends and receives
 PACKET = 960  # 20 ms
@@ -134,8 +135,10 @@ def estimate_delay(sent: np.ndarray, sent_t0: float, received: list[tuple[int, f
 
 async def run_client(server: str, audio: str | Path, *, avatar: str | None = None, record: str | Path | None = None,
                      seconds: float | None = None, token: str | None = None, steps: int | None = None,
-                     lead_in_s: float = 1.0, connect_timeout_s: float = 20.0) -> dict:
-    """Stream ``audio`` to the server, receive the avatar, measure; returns the report (see the module doc)."""
+                     lead_in_s: float = 1.0, connect_timeout_s: float = 20.0, audio_jitter_packets: int = 1) -> dict:
+    """Stream ``audio`` to the server, receive the avatar, measure; returns the report (see the module doc).
+    ``audio_jitter_packets``: audio packets this receiver holds before decoding (aiortc's default is 4, 80 ms;
+    1 is what a browser's adaptive buffer settles to on loopback; ``server/jitter.py``)."""
     loop = asyncio.get_running_loop()
     speech = await loop.run_in_executor(None, lambda: decode_audio(audio, sample_rate_hz=RATE_HZ))
     signal = np.concatenate([np.zeros(int(lead_in_s * RATE_HZ), np.float32), speech.astype(np.float32)])
@@ -149,7 +152,8 @@ async def run_client(server: str, audio: str | Path, *, avatar: str | None = Non
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     mic = PacedAudioTrack(signal)
     pc.addTransceiver("video", direction="recvonly")
-    pc.addTransceiver(mic, direction="sendrecv")
+    audio_tr = pc.addTransceiver(mic, direction="sendrecv")
+    set_audio_prefetch(audio_tr.receiver, audio_jitter_packets)
     tracks: dict[str, MediaStreamTrack] = {}
     connected, failed = asyncio.Event(), asyncio.Event()
     pc.on("track", lambda t: tracks.setdefault(t.kind, t))
@@ -248,7 +252,8 @@ async def run_client(server: str, audio: str | Path, *, avatar: str | None = Non
     report["audio"] = {"frames": len(heard), "seconds": round(sum(x.size for _, _, x in heard) / RATE_HZ, 3)}
     d = estimate_delay(signal, mic.t0, heard) if mic.t0 is not None else None
     report["latency"] = {"audio_roundtrip_ms": _ms(d["delay_s"]) if d else None,
-                         "correlation": round(d["correlation"], 3) if d else None}
+                         "correlation": round(d["correlation"], 3) if d else None,
+                         "client_audio_jitter_packets": audio_prefetch(audio_tr.receiver)}
     if d and video:
         off_v = float(np.median([t - p / 90000 for p, t, _, _ in video]))
         report["av"] = {"release_skew_ms": _ms(off_v - d["offset_s"])}
@@ -261,7 +266,8 @@ async def run_client(server: str, audio: str | Path, *, avatar: str | None = Non
         "video.fps_received": "decoded video frames per second of wall time (first to last frame)",
         "video.fps_by_pts": "video frames per second of media time (RTP timestamps)",
         "latency.audio_roundtrip_ms": "audio sent -> the same audio received back (waveform cross-correlation): the "
-                                      "audio-in to frame-out delay as this client sees it, both aiortc jitter buffers included",
+                                      "audio-in to frame-out delay as this client sees it, both jitter buffers included "
+                                      "(client_audio_jitter_packets: this receiver's, 20 ms each)",
         "av.release_skew_ms": "for equal media timestamps, how much later this receiver hands out video than audio "
                               "(the server sends both on one clock; this is the receiver's own skew)",
     }

@@ -15,8 +15,9 @@ bundle). Output frames are numbered by an output counter ``n``; ``pts_s = n / fp
 
 Real-time mode (``realtime=True``, live sources):
 - *Idle by the clock*: when the source has nothing (a voice agent between turns, after a
-  barge-in), an idle frame (the portrait, blinking; no model runs) goes out every frame period,
-  carrying silence. When audio comes back the timeline starts afresh (a new utterance).
+  barge-in), and while an utterance's first frame waits for its audio lookahead, an idle frame
+  (the portrait, blinking; no model runs) goes out every frame period, carrying silence: the
+  stream never stalls. When audio comes back the timeline starts afresh (a new utterance).
 - *Tail*: when the source stops mid-utterance for ``idle_fill_ms``, the frames still waiting for
   their lookahead are completed with silence.
 - *Silence inside a stream* (a microphone between words): VAD (with hangover) marks the frames;
@@ -311,6 +312,11 @@ class Pipeline:
             k += 1
         return n
 
+    async def _put_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """An idle frame (the portrait, blinking) in the in-flight queue, outside the audio timeline."""
+        fut = loop.run_in_executor(self._compose_executor, self._compose, "idle", None)
+        await self._inflight.put((fut, (self._epoch, np.zeros(self.frame_samples, np.float32), "idle", 0, None, None, 0, False)))
+
     async def _run(self) -> None:
         """Ingest input and schedule frames until the source ends and every frame is out."""
         loop = asyncio.get_running_loop()
@@ -341,11 +347,12 @@ class Pipeline:
                 if late and has_tail:  # 3. the source went quiet mid-utterance: complete the waiting frames with silence
                     self._fill_silence(self._need(self._k), now)
                     continue
-                if late and now >= next_idle:  # 4. nothing to say: an idle frame on the clock
-                    if self._n_samples:  # audio comes back later as a new utterance
+                # 4. nothing to say, or an utterance's first frame still waits for its lookahead: an idle frame on
+                # the clock (so the stream never stalls; the utterance's frames take the slots after it)
+                if (late or self._k == 0) and now >= next_idle:
+                    if late and self._n_samples:  # audio comes back later as a new utterance
                         self._new_segment()
-                    fut = loop.run_in_executor(self._compose_executor, self._compose, "idle", None)  # A resets at the next utterance
-                    await self._inflight.put((fut, (self._epoch, np.zeros(self.frame_samples, np.float32), "idle", 0, None, None, 0, False)))
+                    await self._put_idle(loop)  # A resets at the next utterance
                     next_idle = max(next_idle + period, loop.time() - period)
                     continue
                 timeout = max(0.0, min(next_idle - now, (self._last_input_s or now) + self.config.idle_fill_ms / 1000.0 - now)) + 1e-3
