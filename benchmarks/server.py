@@ -5,7 +5,8 @@ process: the server's CPU is counted apart from the clients'), N Python clients
 (``clients.python.client.run_client``, aiortc) connect at once and each speaks the same speech
 file as live audio, and every client's report is kept: connect-to-first-frame, fps received,
 timestamp gaps, the audio round trip (audio-in to frame-out as the client sees it, both jitter
-buffers included) and the server's own numbers for that session (pipeline latency, steps used,
+buffers included; null where the waveforms' correlation peak is under 0.3, as when an overloaded
+server drops audio, with the raw estimate kept as ``audio_roundtrip_ms_unchecked``) and the server's own numbers for that session (pipeline latency, steps used,
 degraded frames). A session "holds 25 fps" when it receives at least 24 frames per second of
 wall time with at most 2 % of the timestamps skipped.
 
@@ -34,6 +35,7 @@ SHARED_SPEECH = REPO.parent / "shared" / "data" / "speech" / "echomimic__assets_
 DEMO_VOICE = REPO / "engine" / "assets" / "demo" / "demo_voice.wav"
 HOLD_FPS = 24.0  # received frames per second of wall time for "holds 25 fps"
 HOLD_GAPS = 0.02  # fraction of timestamps skipped at most
+MIN_CORRELATION = 0.3  # below this the round trip's correlation peak is not trusted (dropped audio, overload): reported as null
 
 
 def _cpu_s(pid: int) -> float:
@@ -85,14 +87,15 @@ async def _clients(url: str, n: int, audio: Path, steps: int | None) -> list[dic
 def _session_row(r: dict) -> dict:
     if "error" in r:
         return {"error": r["error"], "holds_25fps": False}
-    v, srv = r.get("video", {}), r.get("server_session") or {}
+    v, srv, lat = r.get("video", {}), r.get("server_session") or {}, r.get("latency") or {}
     c = srv.get("counters") or {}
     frames = v.get("frames", 0)
     row = {
         "first_frame_ms": r["connect"]["first_frame_ms"], "connected_ms": r["connect"]["connected_ms"],
         "fps_received": v.get("fps_received"), "pts_gaps": v.get("pts_gaps"), "frames": frames,
-        "audio_roundtrip_ms": (r.get("latency") or {}).get("audio_roundtrip_ms"),
-        "roundtrip_correlation": (r.get("latency") or {}).get("correlation"),
+        "audio_roundtrip_ms": lat.get("audio_roundtrip_ms") if (lat.get("correlation") or 0) >= MIN_CORRELATION else None,
+        "audio_roundtrip_ms_unchecked": lat.get("audio_roundtrip_ms"),
+        "roundtrip_correlation": lat.get("correlation"),
         "server_pipeline_latency_ms": srv.get("pipeline_latency_ms"), "server_send_latency_ms": srv.get("send_latency_ms"),
         "server_denoise_ms": srv.get("denoise_ms"), "server_compose_ms": srv.get("compose_ms"),
         "steps": srv.get("steps"),
@@ -118,7 +121,10 @@ def bench_server(out: str | Path, *, sessions: tuple[int, ...] = (1, 2, 3), audi
             _stop_server(proc)
         rows = [_session_row(r) for r in reports]
         ok = [r for r in rows if "error" not in r]
-        mean = lambda k: round(float(np.mean([r[k] for r in ok if r.get(k) is not None])), 2) if ok else None  # noqa: E731
+        def mean(key: str) -> float | None:
+            vals = [r[key] for r in ok if r.get(key) is not None]
+            return round(float(np.mean(vals)), 2) if vals else None
+
         runs.append({
             "sessions": n, "all_hold_25fps": all(r["holds_25fps"] for r in rows),
             "fps_received_min": min((r["fps_received"] or 0 for r in ok), default=None),
