@@ -47,7 +47,7 @@ from aiohttp import WSMsgType, web
 from engine.errors import AvatarInputError, ImageTooLargeError, UnreadableMediaError
 from engine.pipeline.sources import PushSource
 from server.avatars import DEFAULT_ID, AvatarStore
-from server.ice import is_loopback_host, pin_host_addresses
+from server.ice import is_loopback_host, pin_host_addresses, set_consent_timeout
 from server.session import OfferError, Session, SessionConfig, offer_media
 
 log = logging.getLogger("avatar.server")
@@ -74,6 +74,7 @@ class ServerConfig:
     max_steps: int = 16  # an offer's "steps" at most
     retry_after_s: int = 10  # the Retry-After of a 503 at capacity
     push_wait_s: float = 30.0  # a push waits this long at most for room in the session's buffer (503 beyond)
+    peer_timeout_s: float = 10.0  # a peer that answers no ICE consent check this long is gone: its session closes
     session: SessionConfig = field(default_factory=SessionConfig)
     web_dir: Path = WEB_DIR
     default_portrait: Path = DEMO_PORTRAIT  # the avatar "default"
@@ -523,6 +524,7 @@ async def _on_startup(app: web.Application) -> None:
     st = app[STATE]
     if is_loopback_host(st.config.host):
         pin_host_addresses(["::1" if ":" in st.config.host else "127.0.0.1"])
+    set_consent_timeout(st.config.peer_timeout_s)
     if DEFAULT_ID not in st.avatars:
         await st.avatars.load_default(st.config.default_portrait)
 

@@ -8,6 +8,11 @@ loopback address itself (``../shared/FACTS.md``, "WebRTC on loopback"). So this 
 
 The setting is process-wide (aioice reads the function per gathering): the server sets it when
 it binds a loopback address, the Python client when it talks to a loopback server.
+
+``set_consent_timeout`` shortens how long a vanished peer (a closed laptop lid, a killed tab:
+no DTLS close, no DELETE) keeps its session: aioice checks consent (RFC 7675) every 5 s and
+gives up after 6 failures, about 30 s during which the session holds a slot of the server's
+capacity. Also process-wide (aioice's module constants, read at each check).
 """
 from __future__ import annotations
 
@@ -44,3 +49,12 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def set_consent_timeout(timeout_s: float, interval_s: float = 2.0) -> None:
+    """Close a connection whose peer answers no consent check for about ``timeout_s`` (checks every
+    ``interval_s``, +-20 %, each allowed to fail; aioice's default is 6 x 5 s)."""
+    if not timeout_s >= interval_s > 0:
+        raise ValueError(f"need timeout_s >= interval_s > 0, got {timeout_s} and {interval_s}")
+    aioice.ice.CONSENT_INTERVAL = interval_s
+    aioice.ice.CONSENT_FAILURES = max(1, round(timeout_s / interval_s))

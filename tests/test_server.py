@@ -527,3 +527,32 @@ def test_audio_jitter_buffer_is_set_on_both_ends():
         await pc.close()
 
     asyncio.run(run())
+
+
+def test_a_vanished_peer_frees_its_session(rig):
+    """A client killed mid-stream (no DTLS close, no DELETE) loses its session once it answers no
+    ICE consent check for ``peer_timeout_s`` (aioice alone would wait ~30 s)."""
+
+    async def run():
+        async with serving(rig, peer_timeout_s=4.0) as (base, app):
+            st = app[STATE]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "engine.cli", "client", "--server", base, "--audio", str(DEMO / "demo_voice.wav"),
+                "--seconds", "60", cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            try:
+                assert await _until(lambda: any(s.state == "streaming" for s in st.sessions.values()), 40.0), "no session streamed"
+                (session,) = st.sessions.values()
+                await asyncio.sleep(1.0)
+                proc.kill()
+                t_kill = time.monotonic()
+                assert await _until(lambda: not st.sessions, 20.0), "the vanished peer's session is still open"
+                gone_after = time.monotonic() - t_kill
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
+            assert gone_after < 12.0, gone_after
+            assert "connection" in (session.close_reason or ""), session.close_reason
+
+    asyncio.run(run())

@@ -195,7 +195,8 @@ async function stop(keepStatus = false) {
   current = null;
   s.stopped = true;
   clearInterval(s.timer);
-  if (s.id) api(`sessions/${s.id}`, { method: "DELETE" }).catch(() => {}); // the server may have closed it already
+  // keepalive: the DELETE still goes out when the page is being closed; the server may have closed it already
+  if (s.id) api(`sessions/${s.id}`, { method: "DELETE", keepalive: true }).catch(() => {});
   if (s.pc) s.pc.close();
   if (s.input) s.input.stop();
   const video = $("video");
