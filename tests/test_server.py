@@ -326,7 +326,8 @@ def test_pushed_audio_http_websocket_and_barge_in(rig):
 def test_offer_and_upload_errors(rig):
     """Clear refusals: malformed SDP, an offer without video, not JSON, unknown avatar, bad steps,
     uploads that are not images, too large, without a face, with two faces; a good upload is
-    prepared once and can be used."""
+    prepared once and can be used. A session streams through all of it without a stall."""
+    _, _, _, voice = rig
     portrait = load_portrait(DEMO / "astronaut.jpg")
 
     def jpeg(img: np.ndarray) -> bytes:
@@ -335,7 +336,13 @@ def test_offer_and_upload_errors(rig):
         return buf.tobytes()
 
     async def run():
-        async with serving(rig, max_upload_bytes=600_000) as (base, app), aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+        async with serving(rig, max_upload_bytes=600_000, max_sessions=2) as (base, app), \
+                aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+            streaming = Peer(_signal(voice, 0.5, 9.0))  # speaks longer than everything below takes
+            assert (await streaming.offer(http, base)).status == 200
+            await streaming.wait_video(10, 15.0)
+            n_before = len(streaming.video)  # from here on: refusals and uploads while it streams
+
             async def offer(body, status, needle):
                 r = await http.post(f"{base}/offer", **body)
                 text = await r.text()
@@ -362,7 +369,7 @@ def test_offer_and_upload_errors(rig):
             await offer({"json": {"sdp": good, "type": "offer", "avatar": "nobody"}}, 404, "nobody")
             await offer({"json": {"sdp": good, "type": "offer", "steps": 0}}, 400, "steps")
             await offer({"data": b"x" * 300_000, "headers": {"Content-Type": "application/json"}}, 413, "limit")
-            assert app[STATE].sessions == {}
+            assert list(app[STATE].sessions) == [streaming.session_id]  # nothing refused was counted or kept
 
             async def upload(data: bytes, status: int, needle: str, multipart: bool = False):
                 if multipart:
@@ -392,7 +399,13 @@ def test_offer_and_upload_errors(rig):
             assert (await http.delete(f"{base}/sessions/{peer.session_id}")).status == 200
             await peer.close()
             page = await http.get(f"{base}/")
-            assert page.status == 200 and "POST /offer" in await page.text() or (REPO / "clients/web/index.html").is_file()
+            assert page.status == 200 and "app.js" in await page.text()
+            # the first session streamed on through every refusal and upload
+            await asyncio.sleep(1.0)
+            arrivals = [t for _, t, _ in streaming.video[n_before - 1 :]]
+            span = asyncio.get_running_loop().time() - arrivals[0]
+            assert (len(arrivals) - 1) / span > 15 and max(np.diff(arrivals)) < 0.5, (len(arrivals), span, max(np.diff(arrivals)))
+            await streaming.close()
 
     asyncio.run(run())
 

@@ -156,6 +156,7 @@ async function start() {
     const answer = await api("offer", { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
     if (s.stopped) return;
     s.id = answer.session_id;
+    setStatus(`session ${s.id}: connecting…`);
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
 
     const video = $("video");
@@ -168,7 +169,6 @@ async function start() {
       setStatus("press play on the video to start it (the browser blocked autoplay)");
     }
     s.timer = setInterval(() => refreshStats(s), 1000);
-    setStatus(`session ${s.id}: connecting…`);
   } catch (e) {
     const extra = e.status === 503 && e.retryAfter ? ` (retry in ${e.retryAfter} s)` : "";
     setStatus(`could not start: ${e.message}${extra}`, true);
@@ -278,7 +278,7 @@ function overlayText(s, st) {
     lines.push("latency  – (no speech yet)");
   }
   lines.push(`first    frame ${ms(st.firstFrameMs)} ms after start`);
-  lines.push(`video    ${st.width || "–"}×${st.height || "–"} · dropped ${st.framesDropped ?? "–"} · ${st.steps ?? "–"} steps`);
+  lines.push(`video    ${st.width || "–"}×${st.height || "–"} · dropped ${st.framesDropped ?? "–"} · denoising steps ${st.steps ?? "–"}`);
   lines.push(`session  ${s.id} · ${st.state}${st.serverError ? ` · ${st.serverError}` : ""}`);
   return lines.join("\n");
 }
