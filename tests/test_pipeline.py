@@ -231,3 +231,64 @@ def test_audio_pushed_ahead_of_real_time_is_not_behind(rig):
     la = p.lookahead_ms / 1000
     assert p._backlog(t0 + 1.0 + la) == 25  # one second later, frames 1..25 (beyond the next, 0) are overdue
     p._executor.shutdown()
+
+
+def test_stage_b_of_a_frame_overlaps_stage_a_of_the_next(rig):
+    """The two stages run in two threads: composing frame k (decoder, paste) overlaps denoising frame
+    k + 1. Each stage is slowed by a sleep (which releases the GIL, as the runtimes do), so the
+    overlap is there by construction or not at all."""
+    rt, av, path, _ = rig
+    spans: dict[str, list[tuple[float, float]]] = {"latent": [], "compose": []}
+
+    async def main():
+        async with Pipeline(rt, av, PipelineConfig(realtime=False, blinks=False, head_motion=False)) as p:
+            for name in spans:
+                inner = getattr(p.gen, name)
+
+                def slowed(*a, _inner=inner, _name=name, **kw):
+                    t0 = time.perf_counter()
+                    time.sleep(0.01)
+                    r = _inner(*a, **kw)
+                    spans[_name].append((t0, time.perf_counter()))
+                    return r
+
+                setattr(p.gen, name, slowed)
+            p.start(FileSource(path, realtime=False))
+            return await _collect(p)
+
+    frames = asyncio.run(main())
+    assert sum(f.kind == "speech" for f in frames) >= 10
+    overlapping = sum(any(a0 < c1 and c0 < a1 for c0, c1 in spans["compose"]) for a0, a1 in spans["latent"])
+    assert overlapping >= len(spans["latent"]) // 2, (overlapping, len(spans["latent"]))
+
+
+def test_a_silence_inside_a_stream_restarts_the_previous_frame_condition(rig):
+    """Frames the VAD calls silent are idle frames, and the first speech frame after them is denoised
+    without the previous output (as at an utterance's start); inside speech, every frame has it."""
+    rt, av, _, wave = rig
+    gap = np.zeros(16000, np.float32)  # 1 s of silence between two stretches of speech
+    x = np.concatenate([wave, gap, wave])
+    had_previous: list[bool] = []
+
+    async def main():
+        async with Pipeline(rt, av, PipelineConfig(realtime=False, blinks=False, head_motion=False)) as p:
+            inner = p.gen.latent
+
+            def watched(*a, **kw):
+                had_previous.append(p.gen.previous is not None)
+                return inner(*a, **kw)
+
+            p.gen.latent = watched
+            src = PushSource(max_buffer_s=10.0)
+            src.push_audio(x, 16000)
+            src.close()
+            p.start(src)
+            return await _collect(p)
+
+    frames = asyncio.run(main())
+    kinds = "".join("s" if f.kind == "speech" else "i" for f in frames)
+    assert "s" in kinds and "i" * 10 in kinds.strip("i"), kinds  # speech, a run of idle frames, speech again
+    assert len(had_previous) == kinds.count("s")
+    starts = [i for i, h in enumerate(had_previous) if not h]  # latent calls without a previous frame
+    assert len(starts) >= 2 and starts[0] == 0, starts  # the stream's first speech frame and the one after the gap
+    assert sum(had_previous) >= len(had_previous) - 4, had_previous  # inside speech the previous frame is used
