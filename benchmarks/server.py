@@ -80,6 +80,8 @@ async def _clients(url: str, n: int, audio: Path, steps: int | None) -> list[dic
             return await run_client(url, audio, steps=steps)
         except ClientError as e:
             return {"error": str(e)}
+        except Exception as e:  # one client's failure is a result of the run, not the end of the benchmark
+            return {"error": f"{type(e).__name__}: {e}"}
 
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
@@ -97,6 +99,7 @@ def _session_row(r: dict) -> dict:
         "audio_roundtrip_ms_unchecked": lat.get("audio_roundtrip_ms"),
         "roundtrip_correlation": lat.get("correlation"),
         "server_pipeline_latency_ms": srv.get("pipeline_latency_ms"), "server_send_latency_ms": srv.get("send_latency_ms"),
+        "server_pipeline_latency_p50_ms": (srv.get("pipeline_latency_ms") or {}).get("p50_ms"),
         "server_denoise_ms": srv.get("denoise_ms"), "server_compose_ms": srv.get("compose_ms"),
         "steps": srv.get("steps"),
         "frames_degraded_fraction": round(c.get("frames_degraded", 0) / c["frames_out"], 3) if c.get("frames_out") else None,
@@ -109,7 +112,8 @@ def _session_row(r: dict) -> dict:
 def bench_server(out: str | Path, *, sessions: tuple[int, ...] = (1, 2, 3), audio: str | Path | None = None, bundle: str | None = None,
                  backend: str = "auto", threads: int | None = None, steps: int | None = None) -> dict:
     audio = Path(audio) if audio else (SHARED_SPEECH if SHARED_SPEECH.is_file() else DEMO_VOICE)
-    runs = []
+    runs: list[dict] = []
+    result: dict = {}
     for n in sessions:
         proc, url = _start_server(n, bundle, backend, threads, steps)
         try:
@@ -121,6 +125,7 @@ def bench_server(out: str | Path, *, sessions: tuple[int, ...] = (1, 2, 3), audi
             _stop_server(proc)
         rows = [_session_row(r) for r in reports]
         ok = [r for r in rows if "error" not in r]
+
         def mean(key: str) -> float | None:
             vals = [r[key] for r in ok if r.get(key) is not None]
             return round(float(np.mean(vals)), 2) if vals else None
@@ -129,8 +134,7 @@ def bench_server(out: str | Path, *, sessions: tuple[int, ...] = (1, 2, 3), audi
             "sessions": n, "all_hold_25fps": all(r["holds_25fps"] for r in rows),
             "fps_received_min": min((r["fps_received"] or 0 for r in ok), default=None),
             "first_frame_ms_mean": mean("first_frame_ms"), "audio_roundtrip_ms_mean": mean("audio_roundtrip_ms"),
-            "server_pipeline_latency_p50_ms_mean": round(float(np.mean([r["server_pipeline_latency_ms"]["p50_ms"] for r in ok
-                                                                        if r.get("server_pipeline_latency_ms")])), 1) if ok else None,
+            "server_pipeline_latency_p50_ms_mean": mean("server_pipeline_latency_p50_ms"),
             "frames_degraded_fraction_mean": mean("frames_degraded_fraction"),
             "cpu_cores_used": {"server": round(cpu_srv / wall, 2), "clients": round(cpu_me / wall, 2)},
             "wall_s": round(wall, 1), "per_session": rows,
@@ -138,10 +142,15 @@ def bench_server(out: str | Path, *, sessions: tuple[int, ...] = (1, 2, 3), audi
         print(f"{n} session(s): fps min {runs[-1]['fps_received_min']}, first frame {runs[-1]['first_frame_ms_mean']} ms, "
               f"audio round trip {runs[-1]['audio_roundtrip_ms_mean']} ms, holds 25 fps: {runs[-1]['all_hold_25fps']}, "
               f"cores: server {runs[-1]['cpu_cores_used']['server']}, clients {runs[-1]['cpu_cores_used']['clients']}", flush=True)
+        result = _write(out, runs, audio=audio, bundle=bundle, backend=backend, threads=threads, steps=steps)  # after every run
+    return result
+
+
+def _write(out: str | Path, runs: list[dict], **setup) -> dict:
     capacity = max((r["sessions"] for r in runs if r["all_hold_25fps"]), default=0)
     result = {
-        "benchmark": "server", "audio": str(audio), "bundle": bundle or "default", "backend": backend, "threads": threads,
-        "steps": steps, "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+        "benchmark": "server", "audio": str(setup["audio"]), "bundle": setup["bundle"] or "default", "backend": setup["backend"],
+        "threads": setup["threads"], "steps": setup["steps"], "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
         "hold_rule": f"fps_received >= {HOLD_FPS} and timestamps skipped <= {HOLD_GAPS:.0%}",
         "sessions_holding_25fps": capacity,
         "caveat": "the clients run on the same CPU as the server: their video decoding and audio encoding take cores a remote "

@@ -70,7 +70,11 @@ def main() -> None:
             asyncio.run(_shoot(url, mic, Path(a.out), a.after))
         finally:
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     print(f"wrote {a.out}")
 
 

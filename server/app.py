@@ -23,14 +23,16 @@ A session's audio comes from the peer's audio track when its offer's audio m-lin
 (sendrecv / sendonly); otherwise it is pushed over HTTP or the WebSocket.
 
 Security: listens on 127.0.0.1 unless told otherwise; with a token, every route but /healthz and
-the web page's static files needs ``Authorization: Bearer <token>`` (or ``?token=`` for browsers' WebSockets and pages);
+the web page's static files needs ``Authorization: Bearer <token>`` (or ``?token=`` for browsers' WebSockets and links);
 cross-origin requests are refused (403) unless their origin is in ``cors_origins``; bodies are
-size-limited (413).
+size-limited (413); a server on loopback refuses requests whose Host is not a loopback name (403:
+DNS rebinding). A closed session's routes answer 410 Gone with the reason it closed.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import OrderedDict
 import hmac
 import json
 import logging
@@ -66,7 +68,7 @@ class ServerConfig:
     host: str = "127.0.0.1"  # where to listen (loopback: nothing outside this machine connects, ICE stays on loopback too)
     port: int = 8080  # 0: any free port (tests)
     max_sessions: int = 1  # concurrent sessions (one pipeline keeps two CPU cores busy)
-    token: str | None = None  # bearer token that every route but /healthz requires (None: no authentication)
+    token: str | None = None  # bearer token that every route but /healthz and the page's static files requires (None: none)
     cors_origins: tuple[str, ...] = ()  # cross-origin callers allowed ("*": any); empty: same origin only
     max_upload_bytes: int = 10 * 2**20  # a portrait upload at most (413 beyond)
     max_json_bytes: int = 256 * 2**10  # an offer or other JSON body at most (an SDP is a few kB)
@@ -86,12 +88,16 @@ class ServerState:
     def __init__(self, runtime: Any, config: ServerConfig, avatars: AvatarStore):
         self.runtime, self.config, self.avatars = runtime, config, avatars
         self.sessions: dict[str, Session] = {}
+        self.closed: OrderedDict[str, str] = OrderedDict()  # recently closed session id -> why (410 Gone, not 404)
         self.sessions_started = 0
         self.sessions_rejected = 0
 
     def session_closed(self, s: Session) -> None:
         if self.sessions.get(s.id) is s:
             del self.sessions[s.id]
+        self.closed[s.id] = s.error or s.close_reason or "closed"
+        while len(self.closed) > 256:
+            self.closed.popitem(last=False)
 
 
 STATE = web.AppKey("avatar_state", ServerState)
@@ -132,8 +138,13 @@ async def _read_json(request: web.Request, limit: int) -> dict:
 
 def _session(request: web.Request) -> Session:
     sid = request.match_info["sid"]
-    s = request.app[STATE].sessions.get(sid)
-    if s is None or s.closing:
+    st = request.app[STATE]
+    s = st.sessions.get(sid)
+    if s is not None and s.closing:
+        raise _json_error(web.HTTPGone, f"session {sid} is closing: {s.close_reason}")
+    if s is None:
+        if sid in st.closed:
+            raise _json_error(web.HTTPGone, f"session {sid} closed: {st.closed[sid]}")
         raise _json_error(web.HTTPNotFound, f"no session {sid!r}")
     return s
 
@@ -199,6 +210,16 @@ class PcmPusher:
 
 def _same_origin(request: web.Request, origin: str) -> bool:
     return origin == f"{request.scheme}://{request.host}"
+
+
+@web.middleware
+async def _host_guard(request: web.Request, handler):
+    """A server on loopback answers only requests addressed to a loopback name: a web page elsewhere
+    that rebinds its own domain name to 127.0.0.1 (DNS rebinding) gets 403, not the API."""
+    if is_loopback_host(request.app[STATE].config.host) and not is_loopback_host(request.url.host or ""):
+        raise _json_error(web.HTTPForbidden, f"Host {request.host!r} refused: this server listens on loopback only; "
+                                             "open it as http://127.0.0.1:<port>/")
+    return await handler(request)
 
 
 @web.middleware
@@ -498,7 +519,7 @@ async def _web_file(request: web.Request) -> web.StreamResponse:
 def create_app(runtime: Any, config: ServerConfig = ServerConfig(), *, avatars: AvatarStore | None = None) -> web.Application:
     """The aiohttp application. ``runtime``: one ``engine.runtime.Runtime`` shared by every session.
     ``avatars``: a store to use (its ``default`` is prepared at startup if it has none)."""
-    app = web.Application(middlewares=[_cors, _auth], client_max_size=config.max_upload_bytes + 256 * 1024)
+    app = web.Application(middlewares=[_host_guard, _cors, _auth], client_max_size=config.max_upload_bytes + 256 * 1024)
     app[STATE] = ServerState(runtime, config, avatars or AvatarStore(runtime))
     r = app.router
     r.add_post("/offer", _offer)

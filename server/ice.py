@@ -51,10 +51,14 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+CONSENT_CHECK_TIMEOUT_S = 0.5  # aioice waits this long for the answer to one check (one STUN try, no retransmission)
+
+
 def set_consent_timeout(timeout_s: float, interval_s: float = 2.0) -> None:
     """Close a connection whose peer answers no consent check for about ``timeout_s`` (checks every
-    ``interval_s``, +-20 %, each allowed to fail; aioice's default is 6 x 5 s)."""
+    ``interval_s`` +-20 %, each failing after 0.5 s; at least 3 failures in a row, so that one lost
+    packet never ends a healthy session; aioice's default is 6 x 5 s)."""
     if not timeout_s >= interval_s > 0:
         raise ValueError(f"need timeout_s >= interval_s > 0, got {timeout_s} and {interval_s}")
     aioice.ice.CONSENT_INTERVAL = interval_s
-    aioice.ice.CONSENT_FAILURES = max(1, round(timeout_s / interval_s))
+    aioice.ice.CONSENT_FAILURES = max(3, round(timeout_s / (interval_s + CONSENT_CHECK_TIMEOUT_S)))

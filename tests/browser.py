@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -54,7 +55,7 @@ class Browser:
         exe = chromium_path()
         if exe is None:
             raise BrowserError("no Chromium found (install Debian's chromium, or set AVATAR_CHROMIUM)")
-        profile = tempfile.TemporaryDirectory(prefix="avatar-chromium-")
+        profile = tempfile.TemporaryDirectory(prefix="avatar-chromium-", ignore_cleanup_errors=True)
         args = [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream", "--allow-loopback-in-peer-connection",
                 "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required",
@@ -65,7 +66,8 @@ class Browser:
             args.append(f"--use-file-for-fake-audio-capture={fake_audio}")
         args.append(url)
         log = open(Path(profile.name) / "chromium.log", "wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # its own process group: renderers and zygotes go with it
         http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         browser = None
         try:
@@ -82,11 +84,11 @@ class Browser:
                 await asyncio.gather(browser._reader, return_exceptions=True)
                 await browser._ws.close()
             await http.close()
-            proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.to_thread(proc.wait), 10)
             except asyncio.TimeoutError:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
             log.close()
             profile.cleanup()
@@ -110,6 +112,8 @@ class Browser:
                 fut.set_exception(BrowserError("the DevTools connection closed"))
 
     async def send(self, method: str, params: dict | None = None, timeout_s: float = 30.0) -> dict:
+        if self._reader is not None and self._reader.done():
+            raise BrowserError(f"{method}: the DevTools connection is closed (Chromium exited?)")
         i = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[i] = fut
@@ -144,6 +148,13 @@ class Browser:
             if time.monotonic() > t_end:
                 raise BrowserError(f"not true within {timeout_s:g} s: {expression}; console: {self.console[-5:]}")
             await asyncio.sleep(poll_s)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass  # already gone
 
 
 async def _devtools_port(profile: Path, proc: subprocess.Popen, timeout_s: float) -> int:

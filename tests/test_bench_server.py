@@ -29,6 +29,6 @@ def test_bench_server_writes_json_and_plot(tmp_path):
     (s,) = r["runs"][0]["per_session"]
     assert "error" not in s, s
     assert s["frames"] > 40 and 0 < s["first_frame_ms"] < 20_000 and s["fps_received"] > 0
-    assert s["audio_roundtrip_ms"] is not None and s["server_pipeline_latency_ms"]["p50_ms"] > 0
+    assert s["audio_roundtrip_ms_unchecked"] is not None and s["server_pipeline_latency_ms"]["p50_ms"] > 0
     assert set(r["runs"][0]["cpu_cores_used"]) == {"server", "clients"}
     assert r["sessions_holding_25fps"] == int(r["runs"][0]["all_hold_25fps"])

@@ -204,7 +204,8 @@ def test_stream_over_webrtc(rig):
             assert session.pc.connectionState == "closed"
             await peer.close()
             assert await _until(lambda: not (_tasks_now() - baseline), 5.0), f"tasks left: {_tasks_now() - baseline}"
-            assert (await http.delete(f"{base}/sessions/{peer.session_id}")).status == 404
+            gone = await http.delete(f"{base}/sessions/{peer.session_id}")  # closed: 410 with the reason, not 404
+            assert gone.status == 410 and "deleted by the client" in (await gone.json())["error"]
             return peer, tap
 
     peer, tap = asyncio.run(run())
@@ -412,7 +413,8 @@ def test_offer_and_upload_errors(rig):
 
 def test_token_and_cors(rig):
     """With a token every route but /healthz and the web page needs it (header or ?token=); cross-origin callers are
-    refused unless allowed, and allowed ones get CORS headers and a preflight answer."""
+    refused unless allowed, and allowed ones get CORS headers and a preflight answer; a Host that is
+    not a loopback name is refused."""
 
     async def run():
         async with serving(rig, token="s3cret", cors_origins=("http://good.example",)) as (base, _), aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
@@ -436,6 +438,10 @@ def test_token_and_cors(rig):
             assert r.status == 204 and "Authorization" in r.headers["Access-Control-Allow-Headers"]
             r = await http.get(f"{base}/avatars", headers={**auth, "Origin": base})  # same origin
             assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+            # DNS rebinding: a loopback server answers only requests addressed to a loopback name
+            r = await http.get(f"{base}/healthz", headers={"Host": "evil.example"})
+            assert r.status == 403 and "loopback" in (await r.json())["error"]
+            assert (await http.get(f"{base}/healthz", headers={"Host": "localhost"})).status == 200
 
     asyncio.run(run())
 

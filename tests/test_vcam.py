@@ -55,6 +55,14 @@ def test_vcam_without_a_device_says_so(argv, capsys):
     assert f"avatar {argv[0]}: error" in err and "virtual camera" in err and ("v4l2loopback" in err or "pyvirtualcam" in err)
 
 
+def test_vcam_unreadable_audio_is_an_error_before_any_device(tmp_path, capsys):
+    bad = tmp_path / "speech.wav"
+    bad.write_bytes(b"not audio at all")
+    assert main(["vcam", "--audio", str(bad), "--seconds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "avatar vcam: error" in err and "speech.wav" in err and "virtual camera" not in err, err
+
+
 class KeepingSink:
     """What a camera receives: the frame's size, its arrival time, and a crop of it."""
 

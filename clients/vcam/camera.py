@@ -89,13 +89,9 @@ class VcamReport:
                 "pipeline_fps": self.metrics.get("fps"), "counters": self.metrics.get("counters", {})}
 
 
-async def speak_file(path: str | Path, source, *, chunk_s: float = 0.02) -> None:
-    """Push a file's audio into a PushSource in real time, as a microphone would (absolute deadlines,
-    no drift), then end its segment."""
-    from engine.audio import decode_audio
-
-    rate = 16000
-    wave = await asyncio.to_thread(decode_audio, path, sample_rate_hz=rate)
+async def speak(wave: np.ndarray, source, *, rate: int = 16000, chunk_s: float = 0.02) -> None:
+    """Push audio into a PushSource in real time, as a microphone would (absolute deadlines, no
+    drift), then end its segment."""
     step = round(chunk_s * rate)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -114,13 +110,19 @@ def run_vcam(portrait: str | Path, *, audio: str | Path | None = None, device: s
     """Run until Ctrl-C, the sink closes, or ``seconds`` pass. ``sink(width, height, fps)`` makes
     where frames go (default: the virtual camera ``device``; ``avatar live`` passes a preview window).
 
-    Every device is opened before the avatar is prepared, so a missing one fails within a second."""
+    The portrait and the audio file are read first, then the models load, then every device opens
+    before the avatar is prepared: a bad file or a missing device is an error before anything runs."""
     from engine.avatar import load_portrait, prepare_avatar
     from engine.pipeline.pipeline import Pipeline, PipelineConfig
     from engine.pipeline.sources import MicrophoneSource, PushSource
     from engine.runtime import load_runtime
 
     image = load_portrait(portrait)
+    wave = None
+    if audio is not None:  # decoded first: an unreadable file is a clear error before any device opens
+        from engine.audio import decode_audio
+
+        wave = decode_audio(audio, sample_rate_hz=16000)
     framer = Framer(image, size)
     rt = load_runtime(bundle, backend, threads=threads)
     make = sink or (lambda w, h, fps: VirtualCameraSink(w, h, fps, device))
@@ -132,16 +134,23 @@ def run_vcam(portrait: str | Path, *, audio: str | Path | None = None, device: s
         source = PushSource() if audio is not None else MicrophoneSource(mic_device)
         avatar = prepare_avatar(image, rt, crop_size_px=rt.bundle.crop_size_px)
 
+        got = {"n": 0, "first": None, "last": None, "metrics": None}  # kept outside main(): Ctrl-C still reports
+
+        def report() -> VcamReport:
+            n, t0, t1 = got["n"], got["first"], got["last"]
+            metrics = got["metrics"].snapshot() if got["metrics"] is not None else {}
+            return VcamReport(n, (t1 - t0) if n else 0.0, (framer.out_w, framer.out_h), metrics)
+
         async def main() -> VcamReport:
-            n, t_first, t_last = 0, None, None
             feeder = None
             async with Pipeline(rt, avatar, PipelineConfig(realtime=True, steps=steps)) as p:
+                got["metrics"] = p.metrics
                 p.start(source)
-                if audio is not None:
-                    feeder = asyncio.create_task(speak_file(audio, source), name="vcam-speak-file")
+                if wave is not None:
+                    feeder = asyncio.create_task(speak(wave, source), name="vcam-speak")
                 what = f"{Path(audio).name} (then idle)" if audio is not None else "the microphone"
-                print(f"{what} -> {getattr(cam, 'name', 'sink')} {framer.out_w}x{framer.out_h} at {rt.bundle.fps} fps on {rt.backend}; Ctrl-C to stop",
-                      flush=True)
+                print(f"{what} -> {getattr(cam, 'name', 'sink')} {framer.out_w}x{framer.out_h} at {rt.bundle.fps} fps on "
+                      f"{rt.backend}; Ctrl-C to stop", flush=True)
                 t_end = None if seconds is None else time.monotonic() + seconds
                 try:
                     async for f in p.frames():
@@ -149,22 +158,23 @@ def run_vcam(portrait: str | Path, *, audio: str | Path | None = None, device: s
                             spk.send(f.audio)
                         if not cam.send(framer(f.image)):
                             break
-                        t_last = time.monotonic()
-                        t_first = t_first or t_last
-                        n += 1
-                        if t_end is not None and t_last >= t_end:
+                        got["last"] = time.monotonic()
+                        got["first"] = got["first"] or got["last"]
+                        got["n"] += 1
+                        if t_end is not None and got["last"] >= t_end:
                             break
+                        if feeder is not None and feeder.done() and feeder.exception() is not None:
+                            raise feeder.exception()  # the file could not be pushed: say so, do not idle on silently
                 finally:
                     if feeder is not None:
                         feeder.cancel()
                         await asyncio.gather(feeder, return_exceptions=True)
-                metrics = p.metrics.snapshot()
-            return VcamReport(n, (t_last - t_first) if n else 0.0, (framer.out_w, framer.out_h), metrics)
+            return report()
 
         try:
             return asyncio.run(main())
         except KeyboardInterrupt:
-            return VcamReport(0, 0.0, (framer.out_w, framer.out_h), {})
+            return report()
     finally:
         cam.close()
         if spk is not None:

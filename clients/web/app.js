@@ -110,20 +110,48 @@ async function audioInput(kind) {
     return { track: stream.getAudioTracks()[0], stop: () => stream.getTracks().forEach((t) => t.stop()) };
   }
   const file = $("audiofile").files[0];
-  if (!file) throw new Error("choose an audio file first (input: an audio file)");
+  if (!file) throw new Error("choose an audio file first (beside 'input')");
   const ctx = new AudioContext();
+  const close = () => ctx.state !== "closed" && ctx.close().catch(() => {});
   let buffer;
   try {
+    await ctx.resume(); // started after awaits, it may be suspended: it would send silence
+    if (ctx.state !== "running") throw new Error("the browser keeps audio suspended: press start again");
     buffer = await ctx.decodeAudioData(await file.arrayBuffer());
   } catch (e) {
-    ctx.close();
-    throw new Error(`${file.name}: the browser cannot decode it (${e.message || e.name})`);
+    close();
+    throw new Error(`${file.name}: ${e.message || e.name}`);
   }
   const dest = ctx.createMediaStreamDestination();
   const node = ctx.createBufferSource();
   node.buffer = buffer;
   node.connect(dest); // not to the speakers: the avatar plays it back, in sync with its lips
-  return { track: dest.stream.getAudioTracks()[0], begin: () => node.start(), stop: () => ctx.close() };
+  return { track: dest.stream.getAudioTracks()[0], begin: () => node.start(), stop: close };
+}
+
+// Release what a session holds (each part once, whenever it was made): its stats timer, the
+// server's session (DELETE, kept alive through a page close), the peer connection, the input.
+function teardown(s) {
+  s.stopped = true;
+  clearInterval(s.timer);
+  if (s.id && !s.deleted) {
+    s.deleted = true;
+    api(`sessions/${s.id}`, { method: "DELETE", keepalive: true }).catch(() => {}); // the server may have closed it already
+  }
+  if (s.pc) s.pc.close();
+  if (s.input && !s.inputStopped) {
+    s.inputStopped = true;
+    s.input.stop();
+  }
+}
+
+function resetView() {
+  const video = $("video");
+  video.srcObject = null;
+  video.controls = false;
+  $("overlay").textContent = "";
+  $("start").disabled = false;
+  $("stop").disabled = true;
 }
 
 async function start() {
@@ -135,9 +163,12 @@ async function start() {
   current = s;
   $("start").disabled = true;
   $("stop").disabled = false;
+  // stop() may run during any await below: after each, a stopped session releases what it made since
+  const stoppedMeanwhile = () => s.stopped && (teardown(s), true);
   try {
     setStatus("starting…");
     s.input = await audioInput($("input").value);
+    if (stoppedMeanwhile()) return;
     const pc = new RTCPeerConnection({ iceServers: [] });
     s.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
@@ -149,62 +180,68 @@ async function start() {
 
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc);
+    if (stoppedMeanwhile()) return;
     let sdp = pc.localDescription.sdp;
     if (LOOPBACK.has(location.hostname)) sdp = keepLoopbackCandidates(sdp);
     const body = { sdp, type: "offer", avatar };
     if (steps) body.steps = Number(steps);
     const answer = await api("offer", { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
-    if (s.stopped) return;
     s.id = answer.session_id;
+    if (stoppedMeanwhile()) return;
     setStatus(`session ${s.id}: connecting…`);
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+    if (stoppedMeanwhile()) return;
 
     const video = $("video");
     video.srcObject = remote;
     video.requestVideoFrameCallback((now, meta) => onFrame(s, now, meta));
-    try {
-      await video.play();
-    } catch (e) {
-      video.controls = true; // autoplay refused: the user starts it
-      setStatus("press play on the video to start it (the browser blocked autoplay)");
-    }
     s.timer = setInterval(() => refreshStats(s), 1000);
+    // play() stays pending until the first frame; stopping before it rejects with AbortError (not a refusal)
+    video.play().catch((e) => {
+      if (current === s && e.name === "NotAllowedError") {
+        video.controls = true; // autoplay refused: the user starts it
+        setStatus("press play on the video to start it (the browser blocked autoplay)");
+      }
+    });
   } catch (e) {
+    teardown(s);
+    if (current !== s) return; // stopped (and maybe started again) meanwhile: not this session's page any more
+    current = null;
+    resetView();
     const extra = e.status === 503 && e.retryAfter ? ` (retry in ${e.retryAfter} s)` : "";
     setStatus(`could not start: ${e.message}${extra}`, true);
-    await stop(true);
   }
 }
 
 function onConnectionState(s) {
   if (current !== s) return;
   const state = s.pc.connectionState;
-  if (state === "connected" && s.connectedMs === null) {
-    s.connectedMs = performance.now() - s.t0;
-    if (s.input.begin) s.input.begin();
+  if (state === "connected") {
+    if (s.connectedMs === null) {
+      s.connectedMs = performance.now() - s.t0;
+      if (s.input.begin) s.input.begin();
+    }
     setStatus(`session ${s.id}: connected; ${$("input").value === "mic" ? "speak" : "playing"}.`);
-  } else if (state === "failed" || state === "closed") {
-    setStatus(`session ${s.id}: the connection ${state === "failed" ? "failed" : "was closed by the server"}.`, state === "failed");
-    stop(true);
+  } else if (state === "disconnected") {
+    setStatus(`session ${s.id}: the connection is interrupted; waiting for it to come back…`, true);
+  } else if (state === "failed") {
+    ended(s, "the connection failed");
   }
 }
 
-async function stop(keepStatus = false) {
+// The session is over without the user stopping it: say why, release the rest.
+function ended(s, why) {
+  if (current !== s) return;
+  stop(true);
+  setStatus(`session ${s.id}: ${why}.`, true);
+}
+
+function stop(keepStatus = false) {
   const s = current;
   if (!s) return;
   current = null;
-  s.stopped = true;
-  clearInterval(s.timer);
-  // keepalive: the DELETE still goes out when the page is being closed; the server may have closed it already
-  if (s.id) api(`sessions/${s.id}`, { method: "DELETE", keepalive: true }).catch(() => {});
-  if (s.pc) s.pc.close();
-  if (s.input) s.input.stop();
-  const video = $("video");
-  video.srcObject = null;
-  video.controls = false;
-  $("overlay").textContent = "";
-  $("start").disabled = false;
-  $("stop").disabled = true;
+  teardown(s);
+  resetView();
   if (!keepStatus) setStatus("stopped.");
 }
 
@@ -223,8 +260,10 @@ function onFrame(s, now, meta) {
 
 function fps(s) {
   const f = s.frames;
+  const now = performance.now();
+  while (f.length && f[0] < now - 2000) f.shift(); // frames of the last 2 s: 0 when they stopped coming
   if (f.length < 2) return 0;
-  return ((f.length - 1) * 1000) / (f[f.length - 1] - f[0]);
+  return ((f.length - 1) * 1000) / Math.max(now - f[0], f[f.length - 1] - f[0]);
 }
 
 async function refreshStats(s) {
@@ -258,6 +297,11 @@ async function refreshStats(s) {
     out.steps = info.steps;
     out.input = info.input;
   } catch (e) {
+    if (e.status === 404 || e.status === 410) {
+      s.deleted = true; // nothing left to DELETE
+      ended(s, e.status === 410 ? e.message.replace(/^session \S+ /, "") : "the server closed the session");
+      return;
+    }
     out.serverError = e.message;
   }
   if (out.serverLatencyMs !== null && out.serverLatencyMs !== undefined) {
@@ -327,13 +371,18 @@ $("controls").addEventListener("submit", (e) => {
 });
 $("stop").addEventListener("click", () => stop());
 $("portrait").addEventListener("change", (e) => e.target.files[0] && uploadPortrait(e.target.files[0]));
-$("input").addEventListener("change", (e) => e.target.value === "file" && $("audiofile").click());
+const showFileInput = () => ($("audiofile").hidden = $("input").value !== "file");
+$("input").addEventListener("change", showFileInput);
 window.addEventListener("pagehide", () => stop(true));
+if (token) {
+  for (const a of document.querySelectorAll("footer a")) a.href += `?token=${encodeURIComponent(token)}`;
+}
 
 (async () => {
   for (const [name, id] of [["input", "input"], ["steps", "steps"]]) {
     if (params.has(name)) $(id).value = params.get(name);
   }
+  showFileInput();
   try {
     await loadAvatars(params.get("avatar"));
   } catch (e) {
