@@ -58,6 +58,7 @@ def test_page_streams_the_microphone_and_the_mouth_moves(rig, shared_data, tmp_p
                 sid = await b.evaluate("window.avatarClient.session.id")
                 session = st.sessions[sid]
                 assert session.input == "track", "the page's microphone is the session's input"
+                assert await b.evaluate("document.getElementById('video').muted"), "the page echoes the user's own voice"
                 session.pacer.tap = lambda slot, f, pcm: tap.__setitem__(slot, (f.image[rows, cols].astype(np.float32), f.kind))
                 await b.wait_for("window.avatarClient.session.state === 'connected'", 30)
                 await b.wait_for("(window.avatarClient.session.stats.fps || 0) > 10", 30)
@@ -100,8 +101,11 @@ def test_page_streams_the_microphone_and_the_mouth_moves(rig, shared_data, tmp_p
         d = [np.abs(c - tap[s + k][0]).mean() for c, s in zip(crops, rel) if s + k in tap]
         return float(np.mean(d)) if len(d) > len(crops) // 2 else np.inf
 
-    k = min(range(slots[0] - rel[0], slots[-1] - rel[0] + 1), key=mismatch)
-    assert mismatch(k) < 6.0, f"the page's frames match no run of the server's frames ({mismatch(k):.1f})"
+    offsets = range(slots[0] - rel[0], slots[-1] - rel[0] + 1)
+    k = min(offsets, key=mismatch)
+    typical = float(np.median([m for m in map(mismatch, offsets) if np.isfinite(m)]))
+    # the codec's loss varies with its bitrate: the right offset is told by matching far better than the others
+    assert mismatch(k) < 0.6 * typical, f"the page's frames match no run of the server's frames ({mismatch(k):.1f} vs {typical:.1f})"
 
     # the mouth region changes while speech plays (generated frames), not while it is silent
     portrait = avatar.image[rows, cols].astype(np.float32)
@@ -149,6 +153,7 @@ def test_page_survives_stop_start_and_follows_the_server(rig):
                 await b.evaluate("window.avatarClient.start(); window.avatarClient.stop(); window.avatarClient.start(); 0")
                 await b.wait_for("window.avatarClient.session && window.avatarClient.session.state === 'connected'", 30)
                 sid = await b.evaluate("window.avatarClient.session.id")
+                assert not await b.evaluate("document.getElementById('video').muted")  # no microphone: the avatar is heard
                 t_end = time.monotonic() + 5
                 while len(st.sessions) != 1 and time.monotonic() < t_end:
                     await asyncio.sleep(0.1)

@@ -2,7 +2,8 @@
 // audio file) over WebRTC, watch the avatar speak it, with a live overlay of frames/s and latency.
 //
 // URL parameters: ?token=<bearer token> (when the server asks for one), avatar=<id>,
-// input=mic|file|none, steps=<n>, autostart=1 (start at once; a kiosk, or the browser test).
+// input=mic|file|none, steps=<n>, hear=0|1 (play the avatar's audio; default: not with the
+// microphone, whose voice it would echo), autostart=1 (start at once; a kiosk, or the browser test).
 // `window.avatarClient` exposes the state and the numbers of the overlay to scripts and tests.
 
 const params = new URLSearchParams(location.search);
@@ -371,8 +372,13 @@ $("controls").addEventListener("submit", (e) => {
 });
 $("stop").addEventListener("click", () => stop());
 $("portrait").addEventListener("change", (e) => e.target.files[0] && uploadPortrait(e.target.files[0]));
+// The avatar speaks what it hears: with the microphone that is your own voice ~0.2 s late, which is
+// hard to talk over, so it is muted unless asked for; a file or a voice agent's speech is heard.
+const syncHear = () => ($("hear").checked = $("input").value !== "mic");
 const showFileInput = () => ($("audiofile").hidden = $("input").value !== "file");
-$("input").addEventListener("change", showFileInput);
+$("input").addEventListener("change", () => (showFileInput(), syncHear(), applyHear()));
+const applyHear = () => ($("video").muted = !$("hear").checked);
+$("hear").addEventListener("change", applyHear);
 window.addEventListener("pagehide", () => stop(true));
 if (token) {
   for (const a of document.querySelectorAll("footer a")) a.href += `?token=${encodeURIComponent(token)}`;
@@ -383,6 +389,9 @@ if (token) {
     if (params.has(name)) $(id).value = params.get(name);
   }
   showFileInput();
+  syncHear();
+  if (params.has("hear")) $("hear").checked = params.get("hear") === "1";
+  applyHear();
   try {
     await loadAvatars(params.get("avatar"));
   } catch (e) {
