@@ -46,7 +46,8 @@ def _cpu_s(pid: int) -> float:
 
 def _start_server(n: int, bundle: str | None, backend: str, threads: int | None, steps: int | None,
                   timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--max-sessions", str(n), "--backend", backend]
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--max-sessions", str(n), "--backend", backend,
+           "--avatars-dir", ""]  # no kept uploads prepared in the background during the measurement
     cmd += ["--bundle", bundle] if bundle else []
     cmd += ["--threads", str(threads)] if threads else []
     cmd += ["--steps", str(steps)] if steps else []

@@ -172,7 +172,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     token = a.token or os.environ.get("AVATAR_TOKEN") or None
     cfg = ServerConfig(host=a.host, port=a.port, max_sessions=a.max_sessions, token=token, cors_origins=tuple(a.cors or ()),
-                       session=SessionConfig(steps=a.steps), peer_timeout_s=a.peer_timeout, default_portrait=Path(a.portrait) if a.portrait else DEMO_PORTRAIT)
+                       session=SessionConfig(steps=a.steps), peer_timeout_s=a.peer_timeout,
+                       avatars_dir=Path(a.avatars_dir) if a.avatars_dir else None, default_portrait=Path(a.portrait) if a.portrait else DEMO_PORTRAIT)
     rt = load_runtime(a.bundle, a.backend, threads=a.threads)
     asyncio.run(serve(rt, cfg))
     return 0
@@ -347,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors", nargs="+", metavar="ORIGIN", help="origins allowed to call from other pages ('*': any; default: same origin only)")
     p.add_argument("--portrait", help="the portrait of the avatar 'default' (default: the shipped demo portrait)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's; an offer may ask for its own)")
+    p.add_argument("--avatars-dir", default=str(Path.home() / ".local" / "share" / "avatar-engine" / "avatars"), metavar="DIR",
+                   help="keep uploaded portraits here and prepare them again at the next start (default: %(default)s; "
+                        "'' keeps them in memory only)")
     p.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a session whose peer answers no connectivity check this long (default 10; a closed page DELETEs at once)")
     _runtime_args(p)

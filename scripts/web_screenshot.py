@@ -31,7 +31,7 @@ SPEECH = REPO.parent / "shared" / "data" / "speech" / "echomimic__assets_test_au
 
 
 def _serve() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0"], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--avatars-dir", ""], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     t_end, line = time.monotonic() + 120, ""
     while "listening on" not in line:

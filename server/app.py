@@ -13,7 +13,8 @@ Routes (JSON unless said; errors are ``{"error": "..."}`` with the status below)
     GET    /sessions, /sessions/{id}     state and pipeline metrics
     DELETE /sessions/{id}                close it
     GET    /avatars                      {avatars: [{id, source, width, height, notes}]}
-    POST   /avatars                      an image (multipart field or raw body) -> {id, ...}; 201 new, 200 known;
+    POST   /avatars                      an image (multipart field or raw body) -> {id, ...}; 201 new, 200 known
+                                         (kept in avatars_dir, when set, and prepared again at the next start);
                                          400 not an image, 413 too large, 422 no face / several faces / too small
     GET    /healthz                      {ok, sessions, capacity} (never needs the token, nor does the page)
     GET    /metrics                      Prometheus text: server gauges, every session's pipeline metrics labelled session="id"
@@ -80,6 +81,7 @@ class ServerConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     web_dir: Path = WEB_DIR
     default_portrait: Path = DEMO_PORTRAIT  # the avatar "default"
+    avatars_dir: Path | None = None  # keep uploads here and prepare them again at startup (None: memory only)
 
 
 class ServerState:
@@ -91,6 +93,7 @@ class ServerState:
         self.closed: OrderedDict[str, str] = OrderedDict()  # recently closed session id -> why (410 Gone, not 404)
         self.sessions_started = 0
         self.sessions_rejected = 0
+        self.restoring: asyncio.Task | None = None  # kept uploads being prepared again at startup
 
     def session_closed(self, s: Session) -> None:
         if self.sessions.get(s.id) is s:
@@ -520,7 +523,7 @@ def create_app(runtime: Any, config: ServerConfig = ServerConfig(), *, avatars: 
     """The aiohttp application. ``runtime``: one ``engine.runtime.Runtime`` shared by every session.
     ``avatars``: a store to use (its ``default`` is prepared at startup if it has none)."""
     app = web.Application(middlewares=[_host_guard, _cors, _auth], client_max_size=config.max_upload_bytes + 256 * 1024)
-    app[STATE] = ServerState(runtime, config, avatars or AvatarStore(runtime))
+    app[STATE] = ServerState(runtime, config, avatars or AvatarStore(runtime, directory=config.avatars_dir))
     r = app.router
     r.add_post("/offer", _offer)
     r.add_get("/sessions", _list_sessions)
@@ -548,10 +551,21 @@ async def _on_startup(app: web.Application) -> None:
     set_consent_timeout(st.config.peer_timeout_s)
     if DEFAULT_ID not in st.avatars:
         await st.avatars.load_default(st.config.default_portrait)
+    if st.avatars.directory is not None:  # kept uploads come back in the background: the server answers meanwhile
+        st.restoring = asyncio.get_running_loop().create_task(_restore(st), name="avatars-restore")
+
+
+async def _restore(st: ServerState) -> None:
+    n = await st.avatars.restore()
+    if n:
+        log.info("avatars: %d kept upload%s prepared again", n, "s" if n != 1 else "")
 
 
 async def _on_shutdown(app: web.Application) -> None:
     st = app[STATE]
+    if st.restoring is not None:
+        st.restoring.cancel()
+        await asyncio.gather(st.restoring, return_exceptions=True)
     await asyncio.gather(*(s.close("server shutting down") for s in list(st.sessions.values())), return_exceptions=True)
 
 

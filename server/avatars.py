@@ -6,12 +6,18 @@ upload is identified by the sha256 of its bytes: uploading the same image again 
 same avatar without preparing it again. Preparing runs in a worker thread, one at a time (it
 competes with the live pipelines for the same cores). Uploaded portraits must show exactly one
 face (``on_multiple="refuse"``): a server cannot ask which face was meant.
+
+With a ``directory``, each accepted upload's bytes are kept there as ``<id>.img`` (written
+atomically; removed when the upload is evicted), and ``restore()`` prepares them again when the
+server starts: uploads survive restarts, prepared with whatever bundle the server runs now.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import io
+import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,6 +29,7 @@ from engine.errors import ImageTooLargeError
 from engine.face.landmarks import FaceOptions
 
 DEFAULT_ID = "default"
+log = logging.getLogger("avatar.server")
 
 
 @dataclass
@@ -40,8 +47,9 @@ class AvatarEntry:
 class AvatarStore:
     """Prepared avatars by id; ``await store.upload(data)`` adds one from encoded image bytes."""
 
-    def __init__(self, runtime: Any, *, max_avatars: int = 32, max_pixels: int = 40_000_000):
+    def __init__(self, runtime: Any, *, max_avatars: int = 32, max_pixels: int = 40_000_000, directory: str | Path | None = None):
         self.runtime = runtime
+        self.directory = Path(directory) if directory is not None else None  # where uploads are kept (None: memory only)
         self.max_avatars = max_avatars  # uploads kept at most (least recently used go first; never the default)
         self.max_pixels = max_pixels  # larger images are refused from their header, before decoding
         self._entries: OrderedDict[str, AvatarEntry] = OrderedDict()
@@ -69,7 +77,39 @@ class AvatarStore:
         uploads = [k for k, e in self._entries.items() if e.source == "upload"]
         for k in uploads[: max(0, len(uploads) - self.max_avatars)]:
             del self._entries[k]
+            if self.directory is not None:
+                (self.directory / f"{k}.img").unlink(missing_ok=True)
         return entry
+
+    def _keep(self, avatar_id: str, data: bytes) -> None:
+        """The upload's bytes on disk, written atomically (a crash leaves no half file under the id)."""
+        assert self.directory is not None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".{avatar_id}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.directory / f"{avatar_id}.img")
+
+    async def restore(self) -> int:
+        """Prepare the uploads kept in ``directory`` (the newest ``max_avatars``); returns how many.
+        A file that is not what its name says, or no longer prepares, is skipped with a warning."""
+        if self.directory is None or not self.directory.is_dir():
+            return 0
+        files = sorted(self.directory.glob("*.img"), key=lambda f: f.stat().st_mtime)[-self.max_avatars :]
+        n = 0
+        for f in files:
+            avatar_id = f.stem
+            if avatar_id in self._entries:
+                continue
+            data = f.read_bytes()
+            if hashlib.sha256(data).hexdigest()[:32] != avatar_id:
+                log.warning("avatar file %s does not hold what its name says: skipped", f)
+                continue
+            try:
+                await self._prepare(avatar_id, data, keep=False)
+                n += 1
+            except Exception as e:  # an upload that no longer prepares (another bundle, another MediaPipe): skip it
+                log.warning("kept avatar %s no longer prepares (%s): skipped", avatar_id, e)
+        return n
 
     async def load_default(self, portrait: str | Path) -> AvatarEntry:
         """Prepare ``portrait`` (a file; the face picked as ``avatar render`` does) as ``default``."""
@@ -107,7 +147,7 @@ class AvatarStore:
         finally:
             del self._inflight[avatar_id]
 
-    async def _prepare(self, avatar_id: str, data: bytes) -> AvatarEntry:
+    async def _prepare(self, avatar_id: str, data: bytes, *, keep: bool = True) -> AvatarEntry:
         self._check_pixels(data)
         loop = asyncio.get_running_loop()
         crop = self.runtime.bundle.crop_size_px
@@ -119,6 +159,8 @@ class AvatarStore:
 
         async with self._busy:
             avatar = await loop.run_in_executor(None, prepare)
+        if keep and self.directory is not None:
+            self._keep(avatar_id, data)
         return self.add(avatar_id, avatar, "upload")
 
     def _check_pixels(self, data: bytes) -> None:

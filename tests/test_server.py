@@ -60,7 +60,7 @@ def rig(tmp_path_factory):
 async def serving(rig, **config):
     """The real app on 127.0.0.1 at a free port: yields (base URL, app)."""
     _, rt, avatar, _ = rig
-    store = AvatarStore(rt)
+    store = AvatarStore(rt, directory=config.get("avatars_dir"))
     store.add("default", avatar, "default: astronaut.jpg")
     app = create_app(rt, ServerConfig(host="127.0.0.1", port=0, **config), avatars=store)
     runner = web.AppRunner(app)
@@ -488,7 +488,7 @@ def test_cli_serve_and_client_errors(rig, tmp_path, capsys):
     assert main(["client", "--server", "http://127.0.0.1:9", "--audio", str(DEMO / "demo_voice.wav"), "--seconds", "1"]) == 1
     assert "avatar client: error" in capsys.readouterr().err
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--bundle", str(bundle), "--backend", "torch",
-                             "--threads", "1", "--port", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             "--threads", "1", "--port", "0", "--avatars-dir", str(tmp_path / "avatars")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         line = ""
@@ -573,5 +573,33 @@ def test_a_vanished_peer_frees_its_session(rig):
                 await proc.wait()
             assert gone_after < 12.0, gone_after
             assert "connection" in (session.close_reason or ""), session.close_reason
+
+    asyncio.run(run())
+
+
+def test_uploads_are_kept_and_come_back_after_a_restart(rig, tmp_path):
+    """With ``avatars_dir``, an accepted upload is kept on disk and prepared again by the next server;
+    a refused one leaves nothing; a file that is not what its name says is skipped."""
+    portrait = load_portrait(DEMO / "astronaut.jpg")
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(portrait[:, ::-1]), cv2.COLOR_RGB2BGR))
+    assert ok
+    keep = tmp_path / "avatars"
+
+    async def run():
+        async with serving(rig, avatars_dir=keep) as (base, app), aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+            r = await http.post(f"{base}/avatars", data=buf.tobytes(), headers={"Content-Type": "image/jpeg"})
+            assert r.status == 201, await r.text()
+            made = (await r.json())["id"]
+            bad = await http.post(f"{base}/avatars", data=b"not an image", headers={"Content-Type": "image/jpeg"})
+            assert bad.status == 400
+        assert sorted(f.name for f in keep.iterdir()) == [f"{made}.img"]  # the refused upload left nothing
+        (keep / ("0" * 32 + ".img")).write_bytes(b"renamed junk")
+
+        async with serving(rig, avatars_dir=keep) as (base, app), aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+            st = app[STATE]
+            assert await _until(lambda: made in st.avatars, 30.0), "the kept upload did not come back"
+            await st.restoring
+            ids = {a["id"] for a in (await (await http.get(f"{base}/avatars")).json())["avatars"]}
+            assert ids == {"default", made}  # the junk file was skipped
 
     asyncio.run(run())
