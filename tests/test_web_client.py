@@ -20,7 +20,7 @@ import pytest
 from engine.audio import decode_audio
 from server.app import STATE
 from tests.browser import Browser, chromium_path
-from tests.test_server import SLOT_90K, _lower_face, rig, serving  # noqa: F401  (rig: the fixture)
+from tests.test_server import SLOT_90K, _lower_face, _until, rig, serving  # noqa: F401  (rig: the fixture)
 
 pytestmark = pytest.mark.skipif(chromium_path() is None, reason="no Chromium on this machine: `scripts/install.sh --dev` "
                                 "installs Debian's chromium when run as root (or set AVATAR_CHROMIUM to a Chromium binary)")
@@ -143,7 +143,7 @@ def test_page_errors_are_clear(rig):
 def test_page_survives_stop_start_and_follows_the_server(rig):
     """Start, stop and start again at once: one session streams and the first leaves nothing behind
     on the server (capacity 1 would refuse the second otherwise). Closed on the server, the session
-    ends on the page too, with the server's reason."""
+    ends on the page too, with the server's reason. An input that fails ends the session it opened."""
 
     async def run():
         async with serving(rig) as (base, app):
@@ -162,6 +162,13 @@ def test_page_survives_stop_start_and_follows_the_server(rig):
                 status = await b.wait_for("window.avatarClient.session === null && window.avatarClient.status().error && "
                                           "window.avatarClient.status().text", 10)
                 assert "deleted by an operator" in status, status
+                # the input is awaited after the answer (the avatar shows up during a permission prompt): when it
+                # fails, the page says why and the session it had opened is gone from the server
+                await b.navigate(f"{base}/?input=file&autostart=1")
+                status = await b.wait_for("window.avatarClient && window.avatarClient.status().error && "
+                                          "window.avatarClient.status().text", 20)
+                assert "choose an audio file" in status, status
+                assert await _until(lambda: not st.sessions, 5.0), "the failed start left its session on the server"
                 assert not any(c.startswith("exception") for c in b.console), b.console
 
     asyncio.run(run())

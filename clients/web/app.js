@@ -66,18 +66,29 @@ async function uploadPortrait(file) {
 
 // -- the connection -----------------------------------------------------------------------------
 
-// Resolve once ICE gathering is complete (the server takes one offer with every candidate), or after timeoutMs.
-function gathered(pc, timeoutMs = 3000) {
+// Resolve once ICE gathering is complete (the server takes one offer with every candidate), or once
+// no candidate came for settleMs after the last one (with no ICE servers every candidate is a host
+// candidate, all found at once; Chrome still takes ~150 ms to call gathering complete), or after timeoutMs.
+function gathered(pc, { timeoutMs = 3000, settleMs = 40 } = {}) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
   return new Promise((resolve) => {
+    let settle = null;
     const done = () => {
       clearTimeout(timer);
+      clearTimeout(settle);
       pc.removeEventListener("icegatheringstatechange", check);
+      pc.removeEventListener("icecandidate", onCandidate);
       resolve();
     };
     const check = () => pc.iceGatheringState === "complete" && done();
+    const onCandidate = (e) => {
+      if (!e.candidate) return done();
+      clearTimeout(settle);
+      settle = setTimeout(done, settleMs);
+    };
     const timer = setTimeout(done, timeoutMs);
     pc.addEventListener("icegatheringstatechange", check);
+    pc.addEventListener("icecandidate", onCandidate);
   });
 }
 
@@ -160,27 +171,36 @@ async function start() {
   const avatar = $("avatar").value;
   const steps = $("steps").value;
   const t0 = performance.now();
-  const s = { id: null, t0, firstFrameMs: null, connectedMs: null, frames: [], stats: {}, prev: null, records: null, stopped: false };
+  const s = { id: null, t0, firstFrameMs: null, connectedMs: null, marks: {}, frames: [], stats: {}, prev: null, records: null,
+    stopped: false };
   current = s;
   $("start").disabled = true;
   $("stop").disabled = false;
   // stop() may run during any await below: after each, a stopped session releases what it made since
   const stoppedMeanwhile = () => s.stopped && (teardown(s), true);
+  const kind = $("input").value;
+  // the input (the microphone's permission prompt, a file's decoding) is awaited only once the
+  // session is answered: the avatar shows up meanwhile, and its audio track gets the input when ready
+  const inputReady = audioInput(kind).then((input) => {
+    s.input = input;
+    mark(s, "input");
+    if (s.stopped) teardown(s); // stopped meanwhile: release it at once
+    return input;
+  });
+  inputReady.catch(() => {}); // its error is reported where it is awaited
   try {
     setStatus("starting…");
-    s.input = await audioInput($("input").value);
-    if (stoppedMeanwhile()) return;
     const pc = new RTCPeerConnection({ iceServers: [] });
     s.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
-    if (s.input.track) pc.addTransceiver(s.input.track, { direction: "sendrecv" });
-    else pc.addTransceiver("audio", { direction: "recvonly" });
+    const audio = pc.addTransceiver("audio", { direction: kind === "none" ? "recvonly" : "sendrecv" });
     const remote = new MediaStream();
     pc.ontrack = (e) => remote.addTrack(e.track);
     pc.onconnectionstatechange = () => onConnectionState(s);
 
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc);
+    mark(s, "ice");
     if (stoppedMeanwhile()) return;
     let sdp = pc.localDescription.sdp;
     if (LOOPBACK.has(location.hostname)) sdp = keepLoopbackCandidates(sdp);
@@ -188,6 +208,7 @@ async function start() {
     if (steps) body.steps = Number(steps);
     const answer = await api("offer", { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
     s.id = answer.session_id;
+    mark(s, "answer");
     if (stoppedMeanwhile()) return;
     setStatus(`session ${s.id}: connecting…`);
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
@@ -204,6 +225,10 @@ async function start() {
         setStatus("press play on the video to start it (the browser blocked autoplay)");
       }
     });
+    const input = await inputReady;
+    if (stoppedMeanwhile()) return;
+    if (input.track) await audio.sender.replaceTrack(input.track);
+    begin(s);
   } catch (e) {
     teardown(s);
     if (current !== s) return; // stopped (and maybe started again) meanwhile: not this session's page any more
@@ -220,7 +245,8 @@ function onConnectionState(s) {
   if (state === "connected") {
     if (s.connectedMs === null) {
       s.connectedMs = performance.now() - s.t0;
-      if (s.input.begin) s.input.begin();
+      mark(s, "connect");
+      begin(s);
     }
     setStatus(`session ${s.id}: connected; ${$("input").value === "mic" ? "speak" : "playing"}.`);
   } else if (state === "disconnected") {
@@ -228,6 +254,13 @@ function onConnectionState(s) {
   } else if (state === "failed") {
     ended(s, "the connection failed");
   }
+}
+
+// A file input starts playing once both it and the connection are ready (whichever comes last).
+function begin(s) {
+  if (s.begun || !s.input || !s.input.track || s.pc.connectionState !== "connected") return;
+  s.begun = true;
+  if (s.input.begin) s.input.begin();
 }
 
 // The session is over without the user stopping it: say why, release the rest.
@@ -252,6 +285,7 @@ function onFrame(s, now, meta) {
   if (current !== s) return;
   if (s.firstFrameMs === null) {
     s.firstFrameMs = performance.now() - s.t0;
+    mark(s, "frame");
   }
   s.frames.push(now);
   while (s.frames.length && s.frames[0] < now - 2000) s.frames.shift();
@@ -269,7 +303,7 @@ function fps(s) {
 
 async function refreshStats(s) {
   if (current !== s || !s.pc) return;
-  const out = { fps: fps(s), firstFrameMs: s.firstFrameMs, connectedMs: s.connectedMs, state: s.pc.connectionState };
+  const out = { fps: fps(s), firstFrameMs: s.firstFrameMs, connectedMs: s.connectedMs, marks: s.marks, state: s.pc.connectionState };
   const report = await s.pc.getStats();
   let video = null;
   let pair = null;
@@ -314,6 +348,23 @@ async function refreshStats(s) {
 
 const ms = (v) => (v === null || v === undefined ? "–" : `${Math.round(v)}`);
 
+// Milliseconds since start at each step of starting a session: where the time to the first frame goes.
+function mark(s, name) {
+  s.marks[name] = performance.now() - s.t0;
+}
+
+// "ice +40 · input +12 · answer +20 ...": each step's own share of the time to the first frame
+function steps(marks) {
+  let last = 0;
+  return Object.entries(marks || {})
+    .map(([name, t]) => {
+      const d = t - last;
+      last = t;
+      return `${name} +${Math.round(d)}`;
+    })
+    .join(" · ");
+}
+
 function overlayText(s, st) {
   const lines = [`fps      ${st.fps.toFixed(1)} (server ${st.serverFps === undefined ? "–" : st.serverFps.toFixed(1)})`];
   if (st.latencyMs !== undefined) {
@@ -323,6 +374,7 @@ function overlayText(s, st) {
     lines.push("latency  – (no speech yet)");
   }
   lines.push(`first    frame ${ms(st.firstFrameMs)} ms after start`);
+  lines.push(`         ${steps(st.marks)}`);
   lines.push(`video    ${st.width || "–"}×${st.height || "–"} · dropped ${st.framesDropped ?? "–"} · denoising steps ${st.steps ?? "–"}`);
   lines.push(`session  ${s.id} · ${st.state}${st.serverError ? ` · ${st.serverError}` : ""}`);
   return lines.join("\n");
