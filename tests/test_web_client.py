@@ -143,7 +143,7 @@ def test_page_errors_are_clear(rig):
 def test_page_survives_stop_start_and_follows_the_server(rig):
     """Start, stop and start again at once: one session streams and the first leaves nothing behind
     on the server (capacity 1 would refuse the second otherwise). Closed on the server, the session
-    ends on the page too, with the server's reason. An input that fails ends the session it opened."""
+    ends on the page too, with the server's reason. An input that cannot work is the error shown."""
 
     async def run():
         async with serving(rig) as (base, app):
@@ -162,8 +162,7 @@ def test_page_survives_stop_start_and_follows_the_server(rig):
                 status = await b.wait_for("window.avatarClient.session === null && window.avatarClient.status().error && "
                                           "window.avatarClient.status().text", 10)
                 assert "deleted by an operator" in status, status
-                # the input is awaited after the answer (the avatar shows up during a permission prompt): when it
-                # fails, the page says why and the session it had opened is gone from the server
+                # an input that cannot work (here: no file chosen) is the error shown, and no session is left behind
                 await b.navigate(f"{base}/?input=file&autostart=1")
                 status = await b.wait_for("window.avatarClient && window.avatarClient.status().error && "
                                           "window.avatarClient.status().text", 20)

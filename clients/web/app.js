@@ -127,8 +127,9 @@ async function audioInput(kind) {
   const close = () => ctx.state !== "closed" && ctx.close().catch(() => {});
   let buffer;
   try {
-    await ctx.resume(); // started after awaits, it may be suspended: it would send silence
-    if (ctx.state !== "running") throw new Error("the browser keeps audio suspended: press start again");
+    // suspended without a user gesture (a scripted start), it would send silence; resume() may never settle then
+    await Promise.race([ctx.resume(), new Promise((r) => setTimeout(r, 1000))]);
+    if (ctx.state !== "running") throw new Error("the browser keeps audio suspended: press start (a click) to play a file");
     buffer = await ctx.decodeAudioData(await file.arrayBuffer());
   } catch (e) {
     close();
@@ -164,6 +165,7 @@ function resetView() {
   $("overlay").textContent = "";
   $("start").disabled = false;
   $("stop").disabled = true;
+  setControls(true);
 }
 
 async function start() {
@@ -178,18 +180,25 @@ async function start() {
   $("stop").disabled = false;
   // stop() may run during any await below: after each, a stopped session releases what it made since
   const stoppedMeanwhile = () => s.stopped && (teardown(s), true);
-  const kind = $("input").value;
+  const kind = (s.kind = $("input").value);
+  setControls(false);
   // the input (the microphone's permission prompt, a file's decoding) is awaited only once the
-  // session is answered: the avatar shows up meanwhile, and its audio track gets the input when ready
+  // session is answered: the avatar shows up meanwhile, and its audio track gets the input when ready.
+  // An input that fails is reported first, whatever else failed meanwhile.
   const inputReady = audioInput(kind).then((input) => {
     s.input = input;
     mark(s, "input");
     if (s.stopped) teardown(s); // stopped meanwhile: release it at once
+    if (input.track) input.track.onended = () => ended(s, "the microphone stopped (unplugged, or its permission revoked)");
     return input;
   });
-  inputReady.catch(() => {}); // its error is reported where it is awaited
+  inputReady.catch((e) => (s.inputError = e));
+  const failedInput = () => {
+    if (s.inputError) throw s.inputError;
+  };
   try {
     setStatus("starting…");
+    if (kind === "file" && !$("audiofile").files[0]) throw new Error("choose an audio file first (beside 'input')");
     const pc = new RTCPeerConnection({ iceServers: [] });
     s.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
@@ -202,6 +211,7 @@ async function start() {
     await gathered(pc);
     mark(s, "ice");
     if (stoppedMeanwhile()) return;
+    failedInput();
     let sdp = pc.localDescription.sdp;
     if (LOOPBACK.has(location.hostname)) sdp = keepLoopbackCandidates(sdp);
     const body = { sdp, type: "offer", avatar };
@@ -210,6 +220,7 @@ async function start() {
     s.id = answer.session_id;
     mark(s, "answer");
     if (stoppedMeanwhile()) return;
+    failedInput();
     setStatus(`session ${s.id}: connecting…`);
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     if (stoppedMeanwhile()) return;
@@ -221,19 +232,25 @@ async function start() {
     // play() stays pending until the first frame; stopping before it rejects with AbortError (not a refusal)
     video.play().catch((e) => {
       if (current === s && e.name === "NotAllowedError") {
-        video.controls = true; // autoplay refused: the user starts it
-        setStatus("press play on the video to start it (the browser blocked autoplay)");
+        s.needsPlay = true; // autoplay refused: the user starts it (the hint stays until the video plays)
+        video.controls = true;
+        video.addEventListener("play", () => ((s.needsPlay = false), showState(s)), { once: true });
+        showState(s);
       }
     });
     const input = await inputReady;
     if (stoppedMeanwhile()) return;
     if (input.track) await audio.sender.replaceTrack(input.track);
+    if (stoppedMeanwhile()) return;
+    s.attached = true;
     begin(s);
-  } catch (e) {
+    showState(s);
+  } catch (err) {
     teardown(s);
     if (current !== s) return; // stopped (and maybe started again) meanwhile: not this session's page any more
     current = null;
     resetView();
+    const e = s.inputError || err;
     const extra = e.status === 503 && e.retryAfter ? ` (retry in ${e.retryAfter} s)` : "";
     setStatus(`could not start: ${e.message}${extra}`, true);
   }
@@ -246,9 +263,9 @@ function onConnectionState(s) {
     if (s.connectedMs === null) {
       s.connectedMs = performance.now() - s.t0;
       mark(s, "connect");
-      begin(s);
     }
-    setStatus(`session ${s.id}: connected; ${$("input").value === "mic" ? "speak" : "playing"}.`);
+    begin(s);
+    showState(s);
   } else if (state === "disconnected") {
     setStatus(`session ${s.id}: the connection is interrupted; waiting for it to come back…`, true);
   } else if (state === "failed") {
@@ -258,9 +275,23 @@ function onConnectionState(s) {
 
 // A file input starts playing once both it and the connection are ready (whichever comes last).
 function begin(s) {
-  if (s.begun || !s.input || !s.input.track || s.pc.connectionState !== "connected") return;
+  if (s.begun || !s.attached || !s.input.track || s.pc.connectionState !== "connected") return;
   s.begun = true;
   if (s.input.begin) s.input.begin();
+}
+
+// The status line of a running session: what it waits for, or what the user may do.
+function showState(s) {
+  if (current !== s || !s.pc || s.pc.connectionState !== "connected") return;
+  const what = s.needsPlay ? "press play on the video (the browser blocked autoplay)"
+    : s.kind === "none" ? "watching it idle"
+    : !s.attached ? (s.kind === "mic" ? "waiting for the microphone (allow it in the browser's prompt)" : "reading the file…")
+    : s.kind === "mic" ? "speak" : "playing the file";
+  setStatus(`session ${s.id}: connected; ${what}.`);
+}
+
+function setControls(enabled) {
+  for (const id of ["avatar", "input", "steps", "audiofile"]) $(id).disabled = !enabled;
 }
 
 // The session is over without the user stopping it: say why, release the rest.
@@ -302,9 +333,21 @@ function fps(s) {
 }
 
 async function refreshStats(s) {
-  if (current !== s || !s.pc) return;
+  if (current !== s || !s.pc || s.polling) return; // one poll at a time
+  s.polling = true;
+  try {
+    await poll(s);
+  } catch (e) {
+    if (current === s) s.stats.pollError = String(e);
+  } finally {
+    s.polling = false;
+  }
+}
+
+async function poll(s) {
   const out = { fps: fps(s), firstFrameMs: s.firstFrameMs, connectedMs: s.connectedMs, marks: s.marks, state: s.pc.connectionState };
   const report = await s.pc.getStats();
+  if (current !== s) return;
   let video = null;
   let pair = null;
   report.forEach((r) => {
@@ -438,7 +481,10 @@ if (token) {
 
 (async () => {
   for (const [name, id] of [["input", "input"], ["steps", "steps"]]) {
-    if (params.has(name)) $(id).value = params.get(name);
+    const v = params.get(name);
+    if (v === null) continue;
+    if ([...$(id).options].some((o) => o.value === v)) $(id).value = v;
+    else setStatus(`?${name}=${v} is not one of: ${[...$(id).options].map((o) => o.value || "''").join(", ")}`, true);
   }
   showFileInput();
   syncHear();
