@@ -44,13 +44,10 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start_server(n: int, bundle: str | None, backend: str, threads: int | None, steps: int | None,
-                  timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--max-sessions", str(n), "--backend", backend,
-           "--avatars-dir", ""]  # no kept uploads prepared in the background during the measurement
-    cmd += ["--bundle", bundle] if bundle else []
-    cmd += ["--threads", str(threads)] if threads else []
-    cmd += ["--steps", str(steps)] if steps else []
+def start_server(*args: str, timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """``avatar serve --port 0 --avatars-dir '' ARGS...`` in a subprocess (no kept uploads prepared in
+    the background while something is measured); (the process, its URL) once it listens."""
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--avatars-dir", "", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     t_end = time.monotonic() + timeout_s
@@ -64,7 +61,7 @@ def _start_server(n: int, bundle: str | None, backend: str, threads: int | None,
     return proc, line.split("listening on ")[1].split()[0]
 
 
-def _stop_server(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=30)
@@ -116,14 +113,18 @@ def bench_server(out: str | Path, *, sessions: tuple[int, ...] = (1, 2, 3), audi
     runs: list[dict] = []
     result: dict = {}
     for n in sessions:
-        proc, url = _start_server(n, bundle, backend, threads, steps)
+        args = ["--max-sessions", str(n), "--backend", backend]
+        args += ["--bundle", bundle] if bundle else []
+        args += ["--threads", str(threads)] if threads else []
+        args += ["--steps", str(steps)] if steps else []
+        proc, url = start_server(*args)
         try:
             cpu0_srv, cpu0_me, t0 = _cpu_s(proc.pid), _cpu_s(os.getpid()), time.monotonic()
             reports = asyncio.run(_clients(url, n, audio, steps))
             wall = time.monotonic() - t0
             cpu_srv, cpu_me = _cpu_s(proc.pid) - cpu0_srv, _cpu_s(os.getpid()) - cpu0_me
         finally:
-            _stop_server(proc)
+            stop_server(proc)
         rows = [_session_row(r) for r in reports]
         ok = [r for r in rows if "error" not in r]
 

@@ -9,13 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import os
-import select
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import wave
 from pathlib import Path
 
@@ -24,23 +19,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.server import start_server, stop_server  # noqa: E402
 from engine.audio import decode_audio  # noqa: E402
 from tests.browser import Browser  # noqa: E402
 
 SPEECH = REPO.parent / "shared" / "data" / "speech" / "echomimic__assets_test_audios_jane.wav"
-
-
-def _serve() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--avatars-dir", ""], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    t_end, line = time.monotonic() + 120, ""
-    while "listening on" not in line:
-        if proc.poll() is not None or time.monotonic() > t_end:
-            proc.kill()
-            raise SystemExit("avatar serve did not start")
-        if select.select([proc.stdout], [], [], 1.0)[0]:
-            line = proc.stdout.readline()
-    return proc, line.split("listening on ")[1].split()[0]
 
 
 async def _shoot(url: str, mic: Path, out: Path, after_s: float) -> None:
@@ -65,16 +48,11 @@ def main() -> None:
         with wave.open(str(mic), "wb") as w:
             w.setnchannels(1), w.setsampwidth(2), w.setframerate(48000)
             w.writeframes(np.clip(np.round(x * 32767), -32768, 32767).astype("<i2").tobytes())
-        proc, url = _serve()
+        proc, url = start_server()
         try:
             asyncio.run(_shoot(url, mic, Path(a.out), a.after))
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
     print(f"wrote {a.out}")
 
 
