@@ -3,8 +3,9 @@ encoded) and kept by id.
 
 ``default`` is the shipped demo portrait (or the one ``avatar serve --portrait`` names). An
 upload is identified by the sha256 of its bytes: uploading the same image again returns the
-same avatar without preparing it again. Preparing runs in a worker thread, one at a time (it
-competes with the live pipelines for the same cores). Uploaded portraits must show exactly one
+same avatar without preparing it again. Preparing runs in a worker thread, one at a time, at a
+lower CPU priority (nice +10): it competes with the live sessions for the same cores, and a
+stream that stalls is worse than an upload that takes a moment longer. Uploaded portraits must show exactly one
 face (``on_multiple="refuse"``): a server cannot ask which face was meant.
 
 With a ``directory``, each accepted upload's bytes are kept there as ``<id>.img`` (written
@@ -14,10 +15,13 @@ server starts: uploads survive restarts, prepared with whatever bundle the serve
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import io
 import logging
 import os
+import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,7 +33,18 @@ from engine.errors import ImageTooLargeError
 from engine.face.landmarks import FaceOptions
 
 DEFAULT_ID = "default"
+PREPARE_NICE = 10  # the preparing thread's niceness: live sessions' threads come first on a busy CPU
 log = logging.getLogger("avatar.server")
+
+
+def _lower_priority() -> None:
+    """Run the calling thread (and the threads it starts, e.g. MediaPipe's) at a lower CPU priority.
+    Linux schedules threads on their own, so this touches only the preparing thread, not the server."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREPARE_NICE)
+        except OSError as e:  # not permitted in some sandboxes: prepare at normal priority
+            log.debug("cannot lower the avatar preparation thread's priority: %s", e)
 
 
 @dataclass
@@ -54,6 +69,8 @@ class AvatarStore:
         self.max_pixels = max_pixels  # larger images are refused from their header, before decoding
         self._entries: OrderedDict[str, AvatarEntry] = OrderedDict()
         self._busy = asyncio.Lock()  # one preparation at a time
+        # one thread, at a lower priority: preparing an upload takes ~1 s of CPU that live sessions need more
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="avatar-prepare", initializer=_lower_priority)
         self._inflight: dict[str, asyncio.Future] = {}  # id -> the preparation under way
 
     def __contains__(self, avatar_id: str) -> bool:
@@ -120,7 +137,7 @@ class AvatarStore:
             return prepare_avatar(load_portrait(portrait), self.runtime, crop_size_px=crop)
 
         async with self._busy:
-            avatar = await loop.run_in_executor(None, prepare)
+            avatar = await loop.run_in_executor(self._pool, prepare)
         return self.add(DEFAULT_ID, avatar, f"default: {Path(portrait).name}")
 
     async def upload(self, data: bytes) -> tuple[AvatarEntry, bool]:
@@ -158,7 +175,7 @@ class AvatarStore:
             return prepare_avatar(image, self.runtime, crop_size_px=crop, opts=opts, what="the uploaded image")
 
         async with self._busy:
-            avatar = await loop.run_in_executor(None, prepare)
+            avatar = await loop.run_in_executor(self._pool, prepare)
         if keep and self.directory is not None:
             self._keep(avatar_id, data)
         return self.add(avatar_id, avatar, "upload")

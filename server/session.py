@@ -21,6 +21,7 @@ from typing import Any, Callable
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamTrack
 
+from engine.aio import cancel_and_wait, wait_bounded, wait_event
 from engine.avatar import Avatar
 from engine.errors import AvatarInputError
 from engine.pipeline.pipeline import Pipeline, PipelineConfig, PipelineError
@@ -139,9 +140,7 @@ class Session:
     async def _run(self) -> None:
         reason = "the input ended"
         try:
-            try:
-                await asyncio.wait_for(self.pacer.wanted.wait(), self.config.connect_timeout_s)
-            except asyncio.TimeoutError:
+            if not await wait_event(self.pacer.wanted, self.config.connect_timeout_s):
                 reason = f"no media connection within {self.config.connect_timeout_s:g} s"
                 return
             self.state = "streaming"
@@ -170,9 +169,7 @@ class Session:
         log.info("session %s: closing (%s)", self.id, reason)
         me = asyncio.current_task()
         others = [t for t in self._tasks if t is not me]
-        for t in others:
-            t.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        await cancel_and_wait(others, log=log, what=f"session {self.id}")
         self.pacer.end()
         self.video.stop()
         self.audio.stop()
@@ -187,9 +184,8 @@ class Session:
 
     async def _bounded(self, coro, what: str, timeout_s: float = 10.0) -> None:
         """A step of closing that cannot keep the session (and its capacity) forever."""
-        try:
-            await asyncio.wait_for(coro, timeout_s)
-        except asyncio.TimeoutError:
+        finished, _ = await wait_bounded(coro, timeout_s)
+        if not finished:
             log.warning("session %s: %s took over %g s; given up", self.id, what, timeout_s)
 
     @property

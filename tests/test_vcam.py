@@ -112,7 +112,7 @@ def test_vcam_speaks_a_file_then_idles(tmp_path):
     assert sink.closed and sink.size == (640, 360) and sink.fps == 25
     assert r.frames == len(sink.frames) and r.size == (640, 360)
     assert all(shape == (360, 640, 3) for _, shape, _ in sink.frames)
-    assert r.fps > 15 and r.frames > 60, r.as_dict()  # the camera is fed at about the frame rate, never frozen
+    assert r.fps > 10 and r.frames > 60, r.as_dict()  # the camera is fed, never frozen (its speed: benchmarks)
 
     # the mouth moves while the file speaks, and rests once it has ended
     ref = Framer(portrait, (640, 360))(portrait)[box].astype(np.float32)

@@ -19,6 +19,7 @@ import pytest
 
 from engine.audio import decode_audio
 from server.app import STATE
+from tests import aio
 from tests.browser import Browser, chromium_path
 from tests.test_server import SLOT_90K, _lower_face, _until, rig, serving  # noqa: F401  (rig: the fixture)
 
@@ -81,10 +82,10 @@ def test_page_streams_the_microphone_and_the_mouth_moves(rig, shared_data, tmp_p
                 assert any(w in (session.close_reason or "") for w in ("deleted", "connection closed")), session.close_reason
             return tap, records, stats, overlay
 
-    tap, records, stats, overlay = asyncio.run(run())
+    tap, records, stats, overlay = aio.run(run())
 
     # the page received frames at about the frame rate and shows its numbers
-    assert stats["fps"] > 15, stats
+    assert stats["fps"] > 10, stats  # streaming, not stalled (speed: benchmarks)
     assert stats["firstFrameMs"] is not None and stats["firstFrameMs"] < 10_000, stats
     assert stats["latencyMs"] is not None and 0 < stats["latencyMs"] < 5000, stats
     assert "fps" in overlay and "latency  ≈" in overlay, overlay
@@ -137,7 +138,7 @@ def test_page_errors_are_clear(rig):
                 assert await b.evaluate("window.avatarClient.session") is None
                 assert not app[STATE].sessions
 
-    asyncio.run(run())
+    aio.run(run())
 
 
 def test_page_survives_stop_start_and_follows_the_server(rig):
@@ -170,4 +171,4 @@ def test_page_survives_stop_start_and_follows_the_server(rig):
                 assert await _until(lambda: not st.sessions, 5.0), "the failed start left its session on the server"
                 assert not any(c.startswith("exception") for c in b.console), b.console
 
-    asyncio.run(run())
+    aio.run(run())

@@ -43,6 +43,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from clients.python.record import Mp4Recorder
+from engine.aio import wait_event
 from engine.audio.decode import decode_audio
 from server.ice import is_loopback_host, pin_host_addresses
 from server.jitter import audio_prefetch, set_audio_prefetch
@@ -220,10 +221,8 @@ async def run_client(server: str, audio: str | Path, *, avatar: str | None = Non
             if not connected.is_set():
                 raise ClientError(f"no WebRTC connection within {connect_timeout_s:g} s (state {pc.connectionState})")
             t_connected = loop.time()
-            try:
-                await asyncio.wait_for(first_frame.wait(), connect_timeout_s)
-            except asyncio.TimeoutError:
-                raise ClientError(f"connected, but no video frame within {connect_timeout_s:g} s") from None
+            if not await wait_event(first_frame, connect_timeout_s):
+                raise ClientError(f"connected, but no video frame within {connect_timeout_s:g} s")
             t_stop = t_connected + seconds
             while loop.time() < t_stop and not failed.is_set():
                 await asyncio.sleep(min(0.1, max(0.0, t_stop - loop.time())))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from typing import AsyncIterator
 import numpy as np
 import torch
 
+from engine.aio import cancel_and_wait, wait_event
 from engine.avatar import Avatar
 from engine.errors import AvatarInputError
 from engine.generator import FrameGenerator
@@ -52,6 +54,8 @@ from engine.pipeline.features import StreamingFeatures
 from engine.pipeline.metrics import PipelineMetrics
 from engine.pipeline.sources import CHUNK_SAMPLES, SAMPLE_RATE_HZ, AudioChunk, AudioSource
 from engine.pipeline.vad import Vad, VadConfig
+
+log = logging.getLogger("avatar.pipeline")
 
 _END = object()  # end-of-stream sentinel in the queues
 
@@ -219,9 +223,7 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks), log=log, what="pipeline")
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._compose_executor.shutdown(wait=True, cancel_futures=True)
         if self._source is not None:
@@ -360,10 +362,7 @@ class Pipeline:
                 timeout = None
             self._wake.clear()
             if self._chunks.empty():
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(self._wake, timeout)  # not asyncio.wait_for: it can swallow a cancellation (engine/aio.py)
 
     async def _emit_timeline_frame(self) -> None:
         """Generate (or drop) timeline frame k and put it out."""
