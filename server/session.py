@@ -154,28 +154,30 @@ class Session:
             self.pacer.end()
             self.close_soon(reason)
 
-    def close_soon(self, reason: str) -> None:
-        """Close from a callback (or from inside the session): a task that the session keeps."""
-        if not self._closing and self._closer is None:
-            self._closer = asyncio.get_running_loop().create_task(self.close(reason), name=f"session-close-{self.id}")
+    def close_soon(self, reason: str) -> asyncio.Task:
+        """Start closing (once: a later reason is ignored); returns the closing task, which the session keeps.
+        Usable from callbacks and from inside the session's own tasks."""
+        if self._closer is None:
+            self._closing = True
+            self.close_reason = reason
+            self._closer = asyncio.get_running_loop().create_task(self._close(), name=f"session-close-{self.id}")
+        return self._closer
 
     async def close(self, reason: str = "closed") -> None:
-        """Stop everything: tasks cancelled and awaited, tracks stopped, pipeline and connection closed."""
-        if self._closing:
-            await self.closed.wait()
-            return
-        self._closing = True
-        self.close_reason = reason
-        log.info("session %s: closing (%s)", self.id, reason)
-        me = asyncio.current_task()
-        others = [t for t in self._tasks if t is not me]
-        await cancel_and_wait(others, log=log, what=f"session {self.id}")
+        """Stop everything: tasks cancelled and awaited, tracks stopped, pipeline and connection closed.
+        The closing runs in its own task: a caller that is cancelled meanwhile (a client gone while its
+        DELETE waits) leaves it running to the end, and every caller returns once it has ended."""
+        await asyncio.shield(self.close_soon(reason))
+
+    async def _close(self) -> None:
+        log.info("session %s: closing (%s)", self.id, self.close_reason)
+        await cancel_and_wait(list(self._tasks), log=log, what=f"session {self.id}")
         self.pacer.end()
         self.video.stop()
         self.audio.stop()
         for ws in list(self._websockets):
             await self._bounded(ws.close(message=b"session closed"), "closing a WebSocket")
-        await self.pipeline.aclose()  # its tasks, its worker threads, the source
+        await self._bounded(self.pipeline.aclose(), "closing the pipeline", timeout_s=30.0)  # its tasks, worker threads, source
         await self._bounded(self.pc.close(), "closing the peer connection")
         self.state = "closed"
         self.closed.set()

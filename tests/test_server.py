@@ -606,3 +606,34 @@ def test_uploads_are_kept_and_come_back_after_a_restart(rig, tmp_path):
             assert ids == {"default", made}  # the junk file was skipped
 
     aio.run(run())
+
+
+def test_a_close_whose_caller_is_cancelled_still_ends_the_session(rig):
+    """Closing runs in the session's own task: a DELETE whose client went away (its handler cancelled
+    mid-close) still frees the session, keeps the first reason, and a later close returns at once."""
+
+    async def run():
+        async with serving(rig) as (base, app), aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+            st = app[STATE]
+            peer = Peer()
+            assert (await peer.offer(http, base)).status == 200
+            await peer.wait_video(5, 15.0)
+            session = st.sessions[peer.session_id]
+            aclose = session.pipeline.aclose
+
+            async def slow_aclose():  # closing takes a while: the caller is cancelled in the middle of it
+                await asyncio.sleep(0.5)
+                await aclose()
+
+            session.pipeline.aclose = slow_aclose
+            first = asyncio.create_task(session.close("first"))
+            await asyncio.sleep(0.2)
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            assert first.cancelled()
+            await asyncio.wait_for(session.close("second"), 20.0)
+            assert session.state == "closed" and session.close_reason == "first"
+            assert st.sessions == {} and st.closed[session.id] == "first"
+            await peer.close()
+
+    aio.run(run(), 60)
