@@ -51,7 +51,7 @@ class Browser:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def launch(cls, url: str, *, fake_audio: Path | None = None, timeout_s: float = 30.0):
+    async def launch(cls, url: str, *, fake_audio: Path | None = None, timeout_s: float = 30.0, default_webrtc: bool = False):
         exe = chromium_path()
         if exe is None:
             raise BrowserError("no Chromium found (install Debian's chromium, or set AVATAR_CHROMIUM)")
@@ -62,6 +62,8 @@ class Browser:
                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
                 "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
                 f"--user-data-dir={profile.name}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"]
+        if default_webrtc:  # as a user's Chrome: mDNS host names instead of addresses, no loopback candidates
+            args = [a for a in args if a not in ("--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns")]
         if fake_audio is not None:
             args.append(f"--use-file-for-fake-audio-capture={fake_audio}")
         args.append(url)

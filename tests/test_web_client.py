@@ -172,3 +172,35 @@ def test_page_survives_stop_start_and_follows_the_server(rig):
                 assert not any(c.startswith("exception") for c in b.console), b.console
 
     aio.run(run())
+
+
+def _has_non_loopback_address() -> bool:
+    import ipaddress
+
+    import ifaddr  # aioice's own dependency
+
+    return any(not ipaddress.ip_address(ip.ip if isinstance(ip.ip, str) else ip.ip[0]).is_loopback
+               for a in ifaddr.get_adapters() for ip in a.ips)
+
+
+def test_a_browser_with_default_webrtc_settings_connects(rig):
+    """The other tests start Chromium with loopback candidates allowed; a user's browser offers none
+    (only its network addresses, or mDNS names for them), while this server offers 127.0.0.1 only.
+    Launched without those flags, the page still connects and streams."""
+    if not _has_non_loopback_address():
+        pytest.skip("this machine has no network interface but loopback: a default browser offers no candidate at all")
+
+    async def run():
+        async with serving(rig) as (base, app):
+            st = app[STATE]
+            async with Browser.launch(f"{base}/?input=none&autostart=1", default_webrtc=True) as b:
+                await b.wait_for("window.avatarClient && window.avatarClient.session && "
+                                 "window.avatarClient.session.state === 'connected'", 30)
+                await b.wait_for("(window.avatarClient.session.stats.fps || 0) > 10", 30)
+                (session,) = st.sessions.values()
+                ice = session.pc.getTransceivers()[0].receiver.transport.transport
+                offered = [c.ip for c in ice.getRemoteCandidates()]
+                assert offered and not any(ip in ("127.0.0.1", "::1") for ip in offered), offered
+                assert not any(c.startswith("exception") for c in b.console), b.console
+
+    aio.run(run())
