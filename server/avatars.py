@@ -5,8 +5,8 @@ encoded) and kept by id.
 upload is identified by the sha256 of its bytes: uploading the same image again returns the
 same avatar without preparing it again. Preparing runs in a worker thread, one at a time, at a
 lower CPU priority (nice +10): it competes with the live sessions for the same cores, and a
-stream that stalls is worse than an upload that takes a moment longer. Uploaded portraits must show exactly one
-face (``on_multiple="refuse"``): a server cannot ask which face was meant.
+stream that stalls is worse than an upload that takes a moment longer. Uploaded portraits must
+show exactly one face (``on_multiple="refuse"``): a server cannot ask which face was meant.
 
 With a ``directory``, each accepted upload's bytes are kept there as ``<id>.img`` (written
 atomically; removed when the upload is evicted), and ``restore()`` prepares them again when the

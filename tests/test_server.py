@@ -209,7 +209,7 @@ def test_stream_over_webrtc(rig):
             assert gone.status == 410 and "deleted by the client" in (await gone.json())["error"]
             return peer, tap
 
-    peer, tap = aio.run(run(), 45)
+    peer, tap = aio.run(run())
 
     # frames arrive at about the frame rate, on the 25 fps grid of the video clock
     pts = np.array([p for p, _, _ in peer.video])
