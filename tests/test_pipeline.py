@@ -16,6 +16,7 @@ from engine.cli import DEMO
 from engine.pipeline.pipeline import OutputFrame, Pipeline, PipelineConfig, PipelineError
 from engine.pipeline.sources import FileSource, PushSource
 from engine.runtime import load_runtime
+from tests import aio
 from tests.tiny import tiny_bundle
 
 FPS = 25
@@ -59,7 +60,7 @@ def _run(rt, av, source, config: PipelineConfig, **kw) -> tuple[list[OutputFrame
             p.start(source)
             return await _collect(p, **kw), p
 
-    return asyncio.run(main())
+    return aio.run(main())
 
 
 def test_fast_mode_frames_timestamps_and_audio(rig):
@@ -183,7 +184,7 @@ def test_push_source_idle_on_the_clock_then_speech_then_barge_in(rig):
             assert p.metrics.counter("barge_ins").value == 1
         assert not p._tasks
 
-    asyncio.run(main())
+    aio.run(main())
 
 
 class _Broken:
@@ -256,7 +257,7 @@ def test_stage_b_of_a_frame_overlaps_stage_a_of_the_next(rig):
             p.start(FileSource(path, realtime=False))
             return await _collect(p)
 
-    frames = asyncio.run(main())
+    frames = aio.run(main())
     assert sum(f.kind == "speech" for f in frames) >= 10
     overlapping = sum(any(a0 < c1 and c0 < a1 for c0, c1 in spans["compose"]) for a0, a1 in spans["latent"])
     assert overlapping >= len(spans["latent"]) // 2, (overlapping, len(spans["latent"]))
@@ -285,7 +286,7 @@ def test_a_silence_inside_a_stream_restarts_the_previous_frame_condition(rig):
             p.start(src)
             return await _collect(p)
 
-    frames = asyncio.run(main())
+    frames = aio.run(main())
     kinds = "".join("s" if f.kind == "speech" else "i" for f in frames)
     assert "s" in kinds and "i" * 10 in kinds.strip("i"), kinds  # speech, a run of idle frames, speech again
     assert len(had_previous) == kinds.count("s")

@@ -34,6 +34,7 @@ from engine.pipeline.sources import (
     Rechunker,
     TrackSource,
 )
+from tests import aio
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_VOICE = REPO_ROOT / "engine" / "assets" / "demo" / "demo_voice.wav"
@@ -42,7 +43,7 @@ TIMEOUT_S = 5.0  # bound on every await that could hang if a source were broken
 
 def _run(coro, timeout_s: float = 15.0):
     """Run a coroutine to completion with an overall bound."""
-    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+    return aio.run(coro, timeout_s)
 
 
 async def _collect(source, limit: int = 100_000) -> list[AudioChunk]:
