@@ -83,6 +83,22 @@ class Bundle:
         return BlinkPrior.load(f) if f.is_file() else BlinkPrior()
 
     @property
+    def articulation(self):
+        """The bundle's calibrated articulation layer (articulation.json), else none (gain 1)."""
+        from engine.motion.articulation import ArticulationConfig
+
+        f = self.path / "articulation.json"
+        return ArticulationConfig.load(f) if f.is_file() else ArticulationConfig()
+
+    @property
+    def head_motion(self):
+        """The bundle's library of real head motion (head_motion.json), else None (procedural sway)."""
+        from engine.motion.head import HeadMotionLibrary
+
+        f = self.path / "head_motion.json"
+        return HeadMotionLibrary.load(f) if f.is_file() else None
+
+    @property
     def crop_size_px(self) -> int:
         return int(self.manifest["crop_size_px"])
 

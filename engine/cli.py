@@ -84,9 +84,15 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         if not name or not path:
             raise ValueError(f"--variant {v!r}: expected NAME=BUNDLE[:STEPS]")
         variants[name] = (load_bundle(path), int(steps) if steps else None)
+    compositors = {}
+    for v in a.compositor or []:
+        name, _, kind = v.partition("=")
+        if name not in {"ours", *variants} or kind not in ("native", "patch"):
+            raise ValueError(f"--compositor {v!r}: expected NAME=native|patch with NAME ours or a --variant's name")
+        compositors[name] = kind
     evaluate_selfrecon(load_bundle(a.bundle), data, a.out, max_frames=a.max_frames, steps=a.steps, seed=a.seed,
                        backend=a.backend, threads=a.threads, variants=variants, drift_seconds=a.drift_seconds,
-                       cross_identity=not a.no_cross_identity)
+                       cross_identity=not a.no_cross_identity, compositors=compositors)
     print((Path(a.out) / "report.md").read_text())
     return 0
 
@@ -261,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="folders written by `avatar prepare` holding the held-out clips (instead of --clips)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--variant", action="append", help="another generator in the same table: NAME=BUNDLE[:STEPS] (repeatable)")
+    p.add_argument("--compositor", action="append", help="NAME=native|patch: how that generator composes its frames (default native; repeatable)")
     p.add_argument("--drift-seconds", type=float, default=60.0, help="length of the identity-drift render (0: skip)")
     p.add_argument("--no-cross-identity", action="store_true", help="skip cross-identity driving")
     p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")

@@ -6,36 +6,55 @@ calls ``engine.runtime`` graphs with numpy arrays).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from engine.audio import frame_times_constant, log_mel, mel_index_for_time
 from engine.avatar import Avatar
+from engine.compositor import InteriorConfig, interior_mask
 from engine.face.paste import paste_back
+from engine.face.pixel_warp import PixelWarpConfig, PortraitWarp
 from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, pool_mask, warp_indices
 from engine.models.denoiser import latent_mask
+from engine.motion.articulation import Articulation
 from engine.motion.blink import BlinkSampler, close_eyes
+from engine.motion.head import HeadMotion
 from engine.motion.sway import HeadSway
 from engine.runtime import Runtime
 from engine.sampling import ddim_sample
 
 
-def _sway_for(avatar: Avatar, fps: int, seed: int) -> HeadSway:
-    """The idle head sway about the portrait's face centre, scaled to the face's size in the image."""
+def _sway_for(avatar: Avatar, fps: int, seed: int, library=None) -> HeadSway | HeadMotion:
+    """The head motion about the portrait's face centre, scaled to the face's size in the image:
+    real motion replayed from ``library`` (engine/motion/head.py), else the procedural sway."""
     from engine.face.align import invert_transform
 
     inv = invert_transform(avatar.affine)  # crop -> image
     s = avatar.crop_size_px
     centre = inv[:, :2] @ np.array([s / 2, s / 2]) + inv[:, 2]
     face_px = s * float(np.sqrt(abs(np.linalg.det(inv[:, :2]))))
+    if library is not None:
+        return HeadMotion(library, (float(centre[0]), float(centre[1])), face_px, fps, seed)
     return HeadSway((float(centre[0]), float(centre[1])), face_px, fps, seed)
 
 
+COMPOSITORS = ("native", "patch")
+
+
 class FrameGenerator:
-    """Generates the avatar's frames for audio features, one frame at a time (keeps the previous output)."""
+    """Generates the avatar's frames for audio features, one frame at a time (keeps the previous output).
+
+    ``compositor``: ``"native"`` (default) moves the portrait's own pixels to the landmarks at its
+    resolution and takes only the mouth interior from the generator (engine/face/pixel_warp.py,
+    engine/compositor.py); ``"patch"`` pastes the whole decoded lower-face patch (the first
+    bundle's way, kept for comparison).
+    """
 
     def __init__(self, runtime: Runtime, avatar: Avatar, *, steps: int | None = None, seed: int = 0, blinks: bool = True,
-                 head_motion: bool = False):
+                 head_motion: bool = False, compositor: str = "native", pixel_warp: PixelWarpConfig = PixelWarpConfig(),
+                 interior: InteriorConfig = InteriorConfig(), articulation_gain: float | None = None):
         bundle = runtime.bundle
         self.runtime, self.bundle, self.avatar = runtime, bundle, avatar
         c = bundle.configs
@@ -47,13 +66,25 @@ class FrameGenerator:
         self.moving = np.asarray(self.a2l_cfg.landmark_indices)
         self.ref_all = torch.from_numpy(avatar.landmarks_patch_units())[None]  # (1, 478, 2)
         self.ref_moving = self.ref_all[:, self.moving]  # (1, K, 2)
+        art = bundle.articulation
+        if articulation_gain is not None:
+            if not 0.0 < articulation_gain <= 4.0:
+                raise ValueError(f"articulation gain must be in (0, 4], got {articulation_gain}")
+            art = dataclasses.replace(art, gain=float(articulation_gain))
+        self.articulation = Articulation(art, self.moving, self.ref_moving[0].numpy())
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(avatar.latent.shape, generator=g)  # one noise for every frame: temporally stable
         self.warp_idx = warp_indices()
+        if compositor not in COMPOSITORS:
+            raise ValueError(f"compositor must be one of {COMPOSITORS}, got {compositor!r}")
+        self.compositor, self.interior = compositor, interior
+        self.pixel_warp = PortraitWarp(avatar.image, avatar.affine, avatar.landmarks, avatar.crop_size_px, self.warp_idx, pixel_warp,
+                                       moving=self.moving) \
+            if compositor == "native" else None
         self.avatar_mask = avatar.mask()  # (P, P)
         self.avatar_patch = extract_patch(avatar.crop).astype(np.float32)  # (P, P, 3)
         self.blinks = BlinkSampler(bundle.blink_prior, bundle.fps, seed) if blinks else None
-        self.sway = _sway_for(avatar, bundle.fps, seed) if head_motion else None
+        self.sway = _sway_for(avatar, bundle.fps, seed, bundle.head_motion) if head_motion else None
         self.frame_index = 0  # frames made so far (the sway's clock)
         self.previous: torch.Tensor | None = None
         self.a2l_state: np.ndarray | None = None  # (L, 1, H) GRU state between calls
@@ -77,7 +108,7 @@ class FrameGenerator:
         state = self.a2l_state if self.a2l_state is not None else np.zeros((c.layers, 1, c.hidden), np.float32)
         out = self.g_a2l.infer({"audio": feats.numpy()[None].astype(np.float32), "reference": self.ref_moving.numpy(), "state": state})
         self.a2l_state = out["state_out"]
-        return torch.from_numpy(out["landmarks"][0])  # (F, K, 2)
+        return torch.from_numpy(self.articulation(out["landmarks"][0]))  # (F, K, 2)
 
     def audio_tokens(self, feats: torch.Tensor, f: int) -> torch.Tensor:
         a = self.den_cfg.audio_tokens
@@ -92,12 +123,18 @@ class FrameGenerator:
         ``steps``: denoising steps for this frame (default ``self.steps``; the live pipeline lowers
         it when it falls behind).
         """
+        if warp_only and self.compositor == "native":  # the pixel warp alone: no model runs
+            lm_all = self.ref_all[0].clone()
+            lm_all[self.moving] = lm_moving
+            return self._with_blink(self.avatar.crop, np.zeros((self.avatar.crop_size_px,) * 2, np.float32),
+                                    base=self.pixel_warp.warp(from_patch_units(lm_all.numpy())))
         return self.compose(*self.latent(lm_moving, audio, warp_only=warp_only, steps=steps))
 
     def latent(self, lm_moving: torch.Tensor, audio: torch.Tensor, *, warp_only: bool = False,
-               steps: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+               steps: int | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """The first half of ``frame``: warp and denoise -> (the output latent (1, C, s, s), the pixel
-        mask (P, P)). Sets ``previous``, so the next frame's latent may start before this one is composed."""
+        mask (P, P), all 478 target landmarks in crop units). Sets ``previous``, so the next frame's
+        latent may start before this one is composed."""
         av = self.avatar
         s = av.crop_size_px
         lm_all = self.ref_all.clone()
@@ -117,12 +154,19 @@ class FrameGenerator:
         x0 = torch.from_numpy(reference) if warp_only else ddim_sample(denoise, self.noise, cond, steps=int(steps or self.steps))
         x0 = m_lat * x0 + (1 - m_lat) * av.latent  # repaint only the mask: the rest is the portrait's own latent
         self.previous = x0
-        return x0, px_mask
+        return x0, px_mask, from_patch_units(lm_all[0].numpy())
 
-    def compose(self, x0: torch.Tensor, px_mask: np.ndarray) -> np.ndarray:
-        """The second half of ``frame``: decode, colour-match, paste into the portrait, blink, sway."""
+    def compose(self, x0: torch.Tensor, px_mask: np.ndarray, lm_crop: np.ndarray) -> np.ndarray:
+        """The second half of ``frame``: decode, colour-match, paste into the portrait (the native
+        path: warp the portrait, paste only the mouth interior), blink, sway."""
         av = self.avatar
         s = av.crop_size_px
+        base = None
+        if self.compositor == "native":
+            base = self.pixel_warp.warp(lm_crop)
+            interior = interior_mask(lm_crop, s, self.interior)
+            if not interior.any():  # a closed mouth: nothing to decode
+                return self._with_blink(av.crop, interior, base=base)
         img = self.g_dec.infer({"z": x0.numpy().astype(np.float32)})["image"][0]  # (3, P, P) in about [-1, 1]
         patch = (np.clip(img, -1, 1) + 1) * 127.5
         patch = self._match_colour(patch.transpose(1, 2, 0), px_mask)
@@ -130,6 +174,8 @@ class FrameGenerator:
         crop = av.crop.copy()
         region = crop[y0p : y0p + side, x0p : x0p + side]
         region[px_mask > 0] = patch[px_mask > 0]  # generated pixels only where the mask is; paste_back does the blending
+        if base is not None:
+            return self._with_blink(crop, interior, base=base)
         mask = np.zeros((s, s), np.float32)
         mask[y0p : y0p + side, x0p : x0p + side] = px_mask
         return self._with_blink(crop, mask)
@@ -139,17 +185,21 @@ class FrameGenerator:
         The caller sets ``previous`` to None (or ``reset()``s), so that the next generated frame
         starts afresh, as at the start of an utterance."""
         s = self.avatar.crop_size_px
-        return self._with_blink(self.avatar.crop, np.zeros((s, s), np.float32))
+        return self._with_blink(self.avatar.crop, np.zeros((s, s), np.float32), speaking=False)
 
-    def _with_blink(self, crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Advance the blink sampler one frame, close the lids if it says so, paste the crop back."""
+    def _with_blink(self, crop: np.ndarray, mask: np.ndarray, *, base: np.ndarray | None = None, speaking: bool = True) -> np.ndarray:
+        """Advance the blink sampler one frame, close the lids if it says so, paste the crop back
+        into ``base`` (default: the portrait)."""
         av = self.avatar
         closure = self.blinks.next() if self.blinks is not None else 0.0
         if closure > 0.0:
             crop, eye_mask = close_eyes(crop, av.landmarks * av.crop_size_px, closure)
             mask = np.maximum(mask, eye_mask)
-        out = paste_back(av.image, crop, av.affine, mask) if mask.any() else av.image
+        image = av.image if base is None else base
+        out = paste_back(image, crop, av.affine, mask) if mask.any() else image
         self.frame_index += 1
+        if isinstance(self.sway, HeadMotion):
+            return self.sway.apply(out, self.frame_index - 1, speaking)
         if self.sway is not None:
             return self.sway.apply(out, self.frame_index - 1)
         return out.copy() if out is av.image else out

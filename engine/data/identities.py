@@ -1,11 +1,13 @@
 """Which person each clip shows: clips of one person share an identity (for splits and cards).
 
 The groups of the shared clips are listed by hand in ``identities.json`` (checked on their
-contact sheets); any other clip is its own identity, named after the clip.
+contact sheets); GRID corpus clips (``s<N>_<sentence code>``) are speaker ``grid_s<N>``; any other
+clip is its own identity, named after the clip.
 """
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,4 +22,8 @@ def _groups() -> dict[str, str]:
 
 def identity_of(clip: str) -> str:
     """The identity label of a clip (its file stem)."""
-    return _groups().get(clip, clip)
+    g = _groups().get(clip)
+    if g is not None:
+        return g
+    m = re.fullmatch(r"s(\d+)_[a-z0-9]{6}", clip)
+    return f"grid_s{m.group(1)}" if m else clip

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from engine.avatar import Avatar, encode_patch
+from engine.eval.articulation import articulation, opening_from_landmarks, opening_from_lips, summarise
 from engine.bundle import Bundle
 from engine.face.geometry import index_sets
-from engine.face.region import extract_patch, patch_mask
+from engine.face.region import extract_patch, from_patch_units, patch_mask
 from engine.generator import FrameGenerator
 from engine.metrics import psnr, ssim_map
 from engine.runtime import load_runtime
@@ -51,6 +52,17 @@ def _masked_ssim(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Ten
     return (m * wc).sum(dim=(1, 2, 3)) / wc.sum(dim=(1, 2, 3)).clamp_min(1e-8)
 
 
+def sharpness(img: np.ndarray) -> float:
+    """Laplacian energy of the lower-face patch over that of the upper face (a band across the eyes
+    and brow) of an aligned crop (S, S, 3): codec or camera blur that hits the whole face cancels."""
+    s = img.shape[0]
+    g = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    lap = cv2.Laplacian(g, cv2.CV_32F) ** 2
+    lower = extract_patch(lap[..., None])[..., 0]
+    upper = lap[int(0.25 * s) : int(0.42 * s), int(0.25 * s) : int(0.75 * s)]
+    return float(lower.mean() / max(upper.mean(), 1e-6))
+
+
 def _strip(rows: list[tuple[str, np.ndarray]], frames: list[int], path: Path) -> None:
     tiles = []
     for name, patches in rows:
@@ -65,9 +77,11 @@ def _strip(rows: list[tuple[str, np.ndarray]], frames: list[int], path: Path) ->
 def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path, *, max_frames: int = 100, steps: int | None = None,
                        seed: int = 0, lpips: bool = True, backend: str = "auto", threads: int | None = None,
                        variants: dict[str, tuple[Bundle, int | None]] | None = None, drift_seconds: float = 60.0,
-                       cross_identity: bool = True) -> dict:
+                       cross_identity: bool = True, compositors: dict[str, str] | None = None) -> dict:
     """The protocol of the module docstring. ``variants``: further generators in the same table,
-    name -> (bundle, steps) (e.g. the teacher at 8 steps, students at 4, 2, 1)."""
+    name -> (bundle, steps) (e.g. the teacher at 8 steps, students at 4, 2, 1). ``compositors``:
+    name -> "native" or "patch" (engine/generator.py; default native)."""
+    compositors = compositors or {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = {"ours": (bundle, steps), **(variants or {})}
@@ -101,15 +115,20 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
         return Avatar(crop, np.array([[1.0, 0, 0], [0, 1.0, 0]]), crop, lm, encode_patch(rts[name], extract_patch(crop)), [])
 
     def _generate(name: str, avatar: Avatar, mel: np.ndarray, mel_index: np.ndarray, n: int, *, warp_only: bool = False) -> np.ndarray:
-        gen = FrameGenerator(rts[name], avatar, steps=runs[name][1], seed=seed, blinks=False)  # ground truth blinks when it will
+        gen = FrameGenerator(rts[name], avatar, steps=runs[name][1], seed=seed, blinks=False,  # ground truth blinks when it will
+                             compositor=compositors.get(name, "native"))
         feats = gen.audio_features_from_mel(mel, mel_index)
         lms = gen.landmarks(feats)
+        a2l_lms[name] = lms.numpy()
         return np.stack([gen.frame(lms[f], gen.audio_tokens(feats, f), warp_only=warp_only) for f in range(n)])
 
+    a2l_lms: dict[str, np.ndarray] = {}  # the last _generate's A2L landmarks per run (F, K, 2), patch units
     t0 = time.perf_counter()
     per_seg = []
     methods = (*runs, "warp_only", "static_portrait")
     totals: dict[str, dict[str, list[float]]] = {m: {} for m in methods + ("ground_truth",)}
+    art_rows: dict[str, list[dict]] = {m: [] for m in (*methods, *(f"a2l_only:{n}" for n in runs))}
+    lips_ids = index_sets()["lips"]
     segs = []
     for seg_i in store.audio_segments():
         seg = store.segments[seg_i]
@@ -121,7 +140,12 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
         r = seg.length - 1  # the portrait: the segment's last frame
         crop_r = np.ascontiguousarray(crops[r])
         lm_r = store.landmarks[seg.start + r]
-        result_crops = {name: _generate(name, _avatar(name, crop_r, lm_r), seg.mel, seg.mel_index, n) for name in runs}
+        result_crops, a2l_open = {}, {}
+        for name in runs:
+            result_crops[name] = _generate(name, _avatar(name, crop_r, lm_r), seg.mel, seg.mel_index, n)
+            lm_full = np.repeat(lm_r[None], n, axis=0).copy()  # (n, 478, 2) crop units
+            lm_full[:, np.asarray(runs[name][0].configs["a2l"].landmark_indices)] = from_patch_units(a2l_lms[name][:n])
+            a2l_open[name] = opening_from_landmarks(lm_full) * s
         result_crops["warp_only"] = _generate("ours", _avatar("ours", crop_r, lm_r), seg.mel, seg.mel_index, n, warp_only=True)
         result_crops["static_portrait"] = np.repeat(crop_r[None], n, axis=0)
         gt_crops = np.asarray(crops[:n])
@@ -131,14 +155,19 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
         w = torch.from_numpy(np.stack([patch_mask(store.landmarks[seg.start + f] * s, s) for f in range(n)]))[:, None]
         row = {"segment": seg.name, "frames": n}
         gt_jitter = None
+        gt_open = gt_sharp = None
+        sharp_r = sharpness(crop_r)
         for m in ("ground_truth",) + methods:
             cr = result_crops[m]
             pt = extract_patch(cr)
             met: dict[str, float] = {}
             lips = _lip_track(cr)
             jit = _jitter(lips)
+            opening = opening_from_lips(lips, lips_ids)
+            met["sharpness_ratio"] = float(np.mean([sharpness(c) for c in cr[:: max(n // 10, 1)]])) / max(sharp_r, 1e-9)
             if m == "ground_truth":
                 gt_jitter = jit
+                gt_open = opening
                 met["mouth_jitter_px"] = jit
             else:
                 x, xf = _t(pt), _t(cr)
@@ -153,10 +182,17 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
                 met["mouth_jitter_px"] = jit
                 if gt_jitter:
                     met["mouth_jitter_vs_gt"] = jit / gt_jitter
+                art = articulation(opening, gt_open)
+                art_rows[m].append(art)
+                row.setdefault("articulation", {})[m] = art
             met.update(_sync(pt, seg.mel, seg.mel_index))
             row[m] = met
             for k, v in met.items():
                 totals[m].setdefault(k, []).append(v)
+        for name in runs:
+            art = articulation(a2l_open[name], opening_from_landmarks(gt_lm))
+            art_rows[f"a2l_only:{name}"].append(art)
+            row.setdefault("articulation", {})[f"a2l_only:{name}"] = art
         per_seg.append(row)
         _strip([("ground truth", extract_patch(gt_crops))] + [(m.replace("_", " "), extract_patch(result_crops[m])) for m in methods],
                list(np.linspace(0, n - 1, 8).astype(int)), out / f"strip_{seg.name}.png")
@@ -164,7 +200,8 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
     summary = {m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in totals.items()}
     report = {"protocol": __doc__.strip().splitlines()[0], "runtime": {n: rt.describe() for n, rt in rts.items()},
               "steps": {n: (st or b.steps) for n, (b, st) in runs.items()}, "seed": seed, "max_frames": max_frames,
-              "lpips": getattr(lp, "name", None), "summary": summary, "segments": per_seg}
+              "lpips": getattr(lp, "name", None), "summary": summary, "compositors": {n: compositors.get(n, "native") for n in runs},
+              "articulation": {m: summarise(r) for m, r in art_rows.items()}, "segments": per_seg}
     if cross_identity and len(segs) >= 2:
         report["cross_identity"] = _cross_identity(store, data_dirs, segs, runs, _avatar, _generate, _sync)
     if drift_seconds > 0 and segs and lp is not None:
@@ -277,7 +314,7 @@ def _shard_dir(data_dirs: list[str], segment: str) -> Path:
 
 
 def _markdown(rep: dict) -> str:
-    keys = ["lpips_lower_face", "ssim_lower_face", "psnr_lower_face_db", "lpips_full", "psnr_full_db", "lip_landmark_error_px",
+    keys = ["lpips_lower_face", "ssim_lower_face", "psnr_lower_face_db", "lpips_full", "ssim_full", "sharpness_ratio", "lip_landmark_error_px",
             "mouth_jitter_vs_gt", "sync_abs_offset_frames", "sync_lse_c"]
     head = "| method | steps | " + " | ".join(keys) + " |"
     lines = [f"# Held-out self-reconstruction (seed {rep['seed']}, up to {rep['max_frames']} frames per segment)", "",
@@ -286,6 +323,16 @@ def _markdown(rep: dict) -> str:
     for m, d in rep["summary"].items():
         st = rep["steps"].get(m, "-")
         lines.append(f"| {m} | {st} | " + " | ".join(f"{d[k]:.3f}" if k in d else "-" for k in keys) + " |")
+    art = rep.get("articulation")
+    if art:
+        ak = ["amplitude_ratio", "speed_ratio", "correlation", "correlation_lag_frames", "closure_hit_rate", "closures_gt", "gt_amplitude", "gt_speed_per_s"]
+        lines += ["", "## Articulation (mouth opening: MediaPipe on the frames; a2l_only: the A2L's own landmarks)", "",
+                  "Ratios are ours over ground truth on the same frames (1.0 is ground truth's own value); gt_amplitude (px at 256) and "
+                  "gt_speed_per_s are ground truth's own figures.", "",
+                  "| method | " + " | ".join(ak) + " |", "|" + " --- |" * (len(ak) + 1)]
+        for m, d in art.items():
+            if d:
+                lines.append(f"| {m} | " + " | ".join(f"{d[k]:.3f}" if k in d else "-" for k in ak) + " |")
     ci = rep.get("cross_identity")
     if ci:
         lines += ["", "## Cross-identity driving (portrait of one held-out person, audio of another): sync only", "",

@@ -28,6 +28,10 @@ def _indices(connections) -> np.ndarray:
     return np.array(sorted({i for edge in connections for i in edge}), dtype=np.int64)
 
 
+# (upper, lower) inner-lip landmark pairs whose vertical distance is the mouth opening
+OPENING_PAIRS = ((13, 14), (82, 87), (312, 317), (81, 178), (311, 402))
+
+
 @lru_cache(maxsize=1)
 def index_sets() -> dict[str, np.ndarray]:
     """Named landmark index sets (lips, inner lips, eyes, irises, oval, nose, alignment)."""

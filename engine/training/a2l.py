@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.face.geometry import index_sets
+from engine.face.geometry import OPENING_PAIRS, index_sets
 from engine.face.region import moving_indices, to_patch_units
 from engine.models.a2l import A2LConfig, AudioToLandmarks
 from engine.models.audio_encoder import AudioEncoder, AudioEncoderConfig
@@ -81,12 +81,45 @@ def augment_mel(rng: np.random.Generator, mel: torch.Tensor, enc_cfg: AudioEncod
     return out + 0.1 * torch.randn_like(out)
 
 
+def opening_columns(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns of the upper and lower landmark of each OPENING_PAIRS pair in the predicted set ``idx``."""
+    pos = {int(i): k for k, i in enumerate(idx)}
+    return np.array([pos[u] for u, _ in OPENING_PAIRS]), np.array([pos[l] for _, l in OPENING_PAIRS])
+
+
+def openings(lm: torch.Tensor, up: np.ndarray, lo: np.ndarray) -> torch.Tensor:
+    """(..., K, 2) landmarks -> (...) mean inner-lip opening (lower y - upper y)."""
+    return (lm[..., lo, 1] - lm[..., up, 1]).mean(dim=-1)
+
+
+def neutral_frames(store: FrameStore, segs: list[int], idx: np.ndarray) -> dict[int, int]:
+    """Per segment, the frame (index in the segment) with the smallest mouth opening: the identity's
+    closed-mouth neutral, which is what a portrait usually shows."""
+    up, lo = opening_columns(idx)
+    out = {}
+    for i in segs:
+        s = store.segments[i]
+        lm = store.landmarks[s.start : s.start + s.length][:, idx]  # (F, K, 2)
+        out[i] = int(np.argmin((lm[:, lo, 1] - lm[:, up, 1]).mean(axis=1)))
+    return out
+
+
 def lip_weights(idx: np.ndarray) -> np.ndarray:
     lips = set(index_sets()["lips"].tolist())
     return np.array([2.0 if i in lips else 1.0 for i in idx], np.float32)
 
 
-def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainConfig, *, seq_frames: int = 50, velocity_weight: float = 2.0, shape_weight: float = 2.0) -> None:
+def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainConfig, *, seq_frames: int = 50, velocity_weight: float = 2.0,
+              shape_weight: float = 2.0, opening_weight: float = 0.0, opening_std_weight: float = 0.0, neutral_reference_prob: float = 0.0,
+              audio_encoder: str | None = None) -> None:
+    """Train the audio encoder and the A2L (or, with ``audio_encoder`` = a model stem such as
+    ``engine/bundles/default/audio_encoder``, only the A2L on that frozen encoder, so that a
+    bundle's denoiser, conditioned on the encoder's features, keeps working).
+
+    Against regression to the mean (issue 14): ``opening_weight`` weighs an L1 loss on the inner-lip
+    opening and its frame-to-frame change; ``opening_std_weight`` one on the mismatch of the
+    opening's spread over each sequence; ``neutral_reference_prob`` is how often the reference is
+    the segment's most closed frame (a portrait's usual mouth) instead of a random frame."""
     store = FrameStore(data_dirs, split="train", with_patches=False)
     segs = _sequences(store, seq_frames)
     if not segs:
@@ -98,11 +131,23 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
         mels = np.concatenate([embeddings[i] for i in segs])
     else:
         mels = np.concatenate([store.segments[i].mel for i in segs])
-    enc_cfg = config_from_dict(AudioEncoderConfig, {**enc_spec, "mel_mean": float(mels.mean()), "mel_std": float(mels.std())})
+    if audio_encoder:
+        from engine.models.io import load_model
+
+        enc = load_model(AudioEncoder, AudioEncoderConfig, audio_encoder)
+        enc_cfg = enc.config
+    else:
+        enc_cfg = config_from_dict(AudioEncoderConfig, {**enc_spec, "mel_mean": float(mels.mean()), "mel_std": float(mels.std())})
     idx = moving_indices()
     a2l_cfg = config_from_dict(A2LConfig, {**model_cfg.get("a2l", {}), "landmark_indices": [int(i) for i in idx], "feature_dim": enc_cfg.feature_dim})
     torch.manual_seed(tcfg.seed)
-    model = AudioToLandmarkStack(AudioEncoder(enc_cfg), AudioToLandmarks(a2l_cfg))
+    if not audio_encoder:
+        enc = AudioEncoder(enc_cfg)
+    else:
+        enc.requires_grad_(False)
+    model = AudioToLandmarkStack(enc, AudioToLandmarks(a2l_cfg))
+    up, lo = opening_columns(idx)
+    neutral = neutral_frames(store, segs, idx)
     lengths = np.array([store.segments[i].length for i in segs], np.float64)
     p = lengths / lengths.sum()
     w = torch.from_numpy(lip_weights(idx))[None, None, :, None]
@@ -113,7 +158,8 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
         for _ in range(tcfg.batch_size):
             seg = segs[rng.choice(len(segs), p=p)]
             n = store.segments[seg].length
-            out.append(make_sample(store, seg, int(rng.integers(0, n - seq_frames + 1)), seq_frames, int(rng.integers(0, n)), enc_cfg, idx, embeddings))
+            ref = neutral[seg] if rng.random() < neutral_reference_prob else int(rng.integers(0, n))
+            out.append(make_sample(store, seg, int(rng.integers(0, n - seq_frames + 1)), seq_frames, ref, enc_cfg, idx, embeddings))
         mel, lm, ref = (torch.from_numpy(np.stack(x)) for x in zip(*out))
         if embeddings is not None:  # embeddings: no spectral augmentation, a little noise
             return mel + 0.05 * enc_cfg.mel_std * torch.randn_like(mel), lm, ref
@@ -127,8 +173,12 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
         vel = (((pred[:, 1:] - pred[:, :-1]) - (lm[:, 1:] - lm[:, :-1])).abs() * w_).mean()
         cp, cl = pred - pred.mean(dim=2, keepdim=True), lm - lm.mean(dim=2, keepdim=True)  # shape without position
         shape = ((cp - cl).abs() * w_).mean()
-        loss = 100.0 * (pos + velocity_weight * vel + shape_weight * shape)
-        return loss, {"pos_l1_patch_pct": 100.0 * pos.item(), "vel_l1_patch_pct": 100.0 * vel.item(), "shape_l1_patch_pct": 100.0 * shape.item()}
+        po, go = openings(pred, up, lo), openings(lm, up, lo)  # (B, T)
+        opening = (po - go).abs().mean() + velocity_weight * ((po[:, 1:] - po[:, :-1]) - (go[:, 1:] - go[:, :-1])).abs().mean()
+        spread = (po.std(dim=1) - go.std(dim=1)).abs().mean()
+        loss = 100.0 * (pos + velocity_weight * vel + shape_weight * shape + opening_weight * opening + opening_std_weight * spread)
+        return loss, {"pos_l1_patch_pct": 100.0 * pos.item(), "vel_l1_patch_pct": 100.0 * vel.item(), "shape_l1_patch_pct": 100.0 * shape.item(),
+                      "opening_l1_patch_pct": 100.0 * opening.item(), "opening_std_gap_patch_pct": 100.0 * spread.item()}
 
     trained = train(name="a2l", model=model, make_batch=make_batch, loss_fn=loss_fn, cfg=tcfg, out_dir=out_dir)
     save_model(trained.encoder, Path(out_dir) / "audio_encoder")
@@ -148,7 +198,7 @@ def evaluate_a2l(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str],
     embeddings = segment_embeddings(store, enc.config.mel_after) if enc.config.input_kind == "speech_embedding" else None
     idx = np.asarray(a2l.config.landmark_indices)
     lips = np.isin(idx, index_sets()["lips"])
-    errs, base, opening_corr, amp = [], [], [], []
+    errs, base, opening_corr, amp, speed = [], [], [], [], []
     for seg in store.audio_segments():
         s = store.segments[seg]
         mel, lm, ref = make_sample(store, seg, 0, s.length, 0, enc.config, idx, embeddings)
@@ -162,6 +212,43 @@ def evaluate_a2l(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str],
         po = pred[:, i14, 1] - pred[:, i13, 1]
         opening_corr.append(float(np.corrcoef(go, po)[0, 1]) if go.std() > 0 and po.std() > 0 else 0.0)
         amp.append(float(po.std() / max(go.std(), 1e-9)))
+        speed.append(float(np.abs(np.diff(po)).mean() / max(np.abs(np.diff(go)).mean(), 1e-9)))
     return {"segments": len(errs), "lip_error_px_at_256": float(np.mean(errs)), "static_reference_lip_error_px_at_256": float(np.mean(base)),
             "mouth_opening_correlation": float(np.mean(opening_corr)), "mouth_opening_std_ratio": float(np.mean(amp)),
+            "mouth_opening_speed_ratio": float(np.mean(speed)),
             "audio_input": enc.config.input_kind, "clips": sorted({store.segments[i].clip for i in store.audio_segments()})}
+
+
+@torch.no_grad()
+def calibrate_articulation(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str], *, max_gain: float = 3.0):
+    """Fit the articulation layer (engine/motion/articulation.py) on the training clips: the gain that
+    makes the predicted inner-lip opening vary as much as the real one (per identity, the ratio of
+    the real and predicted standard deviations pooled over its segments, the reference being each
+    segment's most closed frame; then the median over identities, so that one speaker with many
+    clips, GRID's, does not decide it), and the largest real opening relative to the mouth's width
+    (99th percentile)."""
+    from engine.data.identities import identity_of
+    from engine.motion.articulation import ArticulationConfig
+
+    store = FrameStore(data_dirs, split="train", with_patches=False)
+    idx = np.asarray(a2l.config.landmark_indices)
+    up, lo = opening_columns(idx)
+    pos = {int(i): k for k, i in enumerate(idx)}
+    segs = store.audio_segments()
+    neutral = neutral_frames(store, segs, idx)
+    var: dict[str, list[float]] = {}
+    ratios = []
+    for seg in segs:
+        s = store.segments[seg]
+        mel, lm, ref = make_sample(store, seg, 0, s.length, neutral[seg], enc.config, idx)
+        pred = a2l(enc(torch.from_numpy(mel)[None]), torch.from_numpy(ref)[None])[0][0].numpy()  # (T, K, 2)
+        go, po = (lm[:, lo, 1] - lm[:, up, 1]).mean(1), (pred[:, lo, 1] - pred[:, up, 1]).mean(1)
+        v = var.setdefault(identity_of(s.clip), [0.0, 0.0])
+        v[0] += float(go.var()) * len(go)
+        v[1] += float(po.var()) * len(po)
+        width = np.linalg.norm(lm[:, pos[291]] - lm[:, pos[61]], axis=-1)
+        ratios.append(go / np.maximum(width, 1e-6))
+    per_identity = [np.sqrt(g / max(p, 1e-12)) for g, p in var.values()]
+    gain = float(np.clip(np.median(per_identity), 1.0, max_gain))
+    return ArticulationConfig(gain=round(gain, 4), max_opening_ratio=round(float(np.percentile(np.concatenate(ratios), 99)), 4),
+                              calibrated_on=f"{len(segs)} training segments ({len(var)} identities) of {', '.join(map(str, data_dirs))}")

@@ -1,0 +1,49 @@
+"""Where generated pixels go in the native path (issue 13): only into the mouth interior.
+
+The portrait's lower face is moved to the frame's landmarks by the pixel warp
+(engine/face/pixel_warp.py), so lips, chin and cheeks keep the portrait's own pixels. What no
+warp can show is what lies between the lips when they part (teeth, tongue, the dark cavity) and
+the inner lip edge: the compositor takes those from the decoded patch, inside the inner-lip
+polygon of the target landmarks grown by ``dilate`` and feathered by ``feather``. A closed mouth
+takes nothing from the generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from engine.face.geometry import OPENING_PAIRS, index_sets
+
+
+@dataclass(frozen=True)
+class InteriorConfig:
+    dilate: float = 0.008  # crop units the inner-lip polygon grows by (covers the inner lip edge)
+    feather: float = 0.006  # crop units: Gaussian sigma of the mask's edge
+    min_opening: float = 0.003  # crop units: a mouth opened less than this takes nothing from the generator
+
+
+def mouth_opening(lm: np.ndarray) -> float:
+    """Mean inner-lip opening (lower y - upper y) of (478, 2+) landmarks, in their units."""
+    up = [u for u, _ in OPENING_PAIRS]
+    lo = [l for _, l in OPENING_PAIRS]
+    return float((lm[lo, 1] - lm[up, 1]).mean())
+
+
+def interior_mask(lm_crop_units: np.ndarray, size_px: int, config: InteriorConfig = InteriorConfig()) -> np.ndarray:
+    """The mouth interior (S, S) float32 in [0, 1] of landmarks (478, 2+) in crop units: the inner-lip
+    polygon, grown and feathered; zeros when the mouth is (nearly) closed."""
+    mask = np.zeros((size_px, size_px), np.float32)
+    if mouth_opening(lm_crop_units) < config.min_opening:
+        return mask
+    poly = lm_crop_units[index_sets()["lips_inner"], :2] * size_px
+    m8 = np.zeros((size_px, size_px), np.uint8)
+    cv2.fillPoly(m8, [np.round(poly * 4).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=2)
+    k = int(round(config.dilate * size_px))
+    if k > 0:
+        m8 = cv2.dilate(m8, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
+    sigma = max(config.feather * size_px, 0.5)
+    out = cv2.GaussianBlur(m8.astype(np.float32) / 255.0, (0, 0), sigmaX=sigma)
+    out[out < 1.0 / 255.0] = 0.0
+    return np.clip(out, 0.0, 1.0)

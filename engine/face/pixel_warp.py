@@ -1,0 +1,147 @@
+"""The portrait's own pixels moved to the target landmarks at its native resolution (issue 13).
+
+Two backward flows, both zero on the border of the warped box (so it is pasted back without a
+seam): ``gaussian`` (default), at each point the Gaussian-weighted mean of the landmarks'
+offsets (source - target) near it, fading to zero where none is near (the flow of
+engine/models/warp.py, here in crop units); ``delaunay``, piecewise-affine over the Delaunay
+triangulation of the target landmarks (scipy's ``LinearNDInterpolator``), exact at every
+landmark but as jagged as the landmarks are (measured on A2L landmarks: torn lip edges, so not
+the default). The flow is evaluated on a coarse grid over the box, upsampled, and
+applied with one ``cv2.remap`` of the full-resolution portrait: lips, chin and cheeks keep the
+portrait's texture at its own scale, whatever the size of the face in the image. What warping
+cannot show (the mouth interior) is painted by the compositor (engine/compositor.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy.interpolate import LinearNDInterpolator
+
+from engine.face.align import invert_transform
+from engine.face.region import PATCH_SIZE, PATCH_X0, PATCH_Y0
+
+
+@dataclass(frozen=True)
+class PixelWarpConfig:
+    method: str = "gaussian"  # "gaussian" or "delaunay" (module docstring)
+    grid_cells: int = 64  # the flow is computed on this many cells per side of the box, then upsampled
+    sigma: float = 0.02  # gaussian: radius of a landmark's influence, crop units
+    floor: float = 1e-2  # gaussian: weight mass below which the flow fades to zero
+    box_margin: float = 0.08  # the warped box: the lower-face patch grown by this (crop units) on every side
+    anchors_per_side: int = 12  # zero-offset anchors on each side of the box
+    cubic: bool = True  # bicubic sampling (sharper than bilinear when a region is stretched)
+
+
+def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+class PortraitWarp:
+    """Warps the lower face of ``image`` (H, W, 3) whose landmarks are ``landmarks`` (478, 2) in
+    crop units of the similarity ``affine`` (image -> crop of ``crop_size_px``).
+
+    ``indices``: the landmarks that steer the flow (the moving ones and their still neighbours);
+    ``moving``: those of them that targets may move (default: all); the others must keep their place.
+    """
+
+    def __init__(self, image: np.ndarray, affine: np.ndarray, landmarks: np.ndarray, crop_size_px: int, indices: np.ndarray,
+                 config: PixelWarpConfig = PixelWarpConfig(), moving: np.ndarray | None = None):
+        self.image, self.config = image, config
+        self.indices = np.asarray(indices)
+        self.inv = invert_transform(affine)  # crop px -> image px
+        s = float(crop_size_px)
+        self.crop_size_px = crop_size_px
+        h, w = image.shape[:2]
+        g = config.box_margin
+        corners = np.array([[PATCH_X0 - g, PATCH_Y0 - g], [PATCH_X0 + PATCH_SIZE + g, PATCH_Y0 - g],
+                            [PATCH_X0 - g, PATCH_Y0 + PATCH_SIZE + g], [PATCH_X0 + PATCH_SIZE + g, PATCH_Y0 + PATCH_SIZE + g]]) * s
+        c = _apply(self.inv, corners)
+        self.x0, self.y0 = max(int(np.floor(c[:, 0].min())), 0), max(int(np.floor(c[:, 1].min())), 0)
+        self.x1, self.y1 = min(int(np.ceil(c[:, 0].max())), w), min(int(np.ceil(c[:, 1].max())), h)
+        if self.x1 - self.x0 < 8 or self.y1 - self.y0 < 8:
+            raise ValueError("the face's lower half lies outside the image")
+        bw, bh = self.x1 - self.x0, self.y1 - self.y0
+        # source landmarks in box pixels
+        self.src = _apply(self.inv, landmarks[self.indices, :2] * s) - (self.x0, self.y0)  # (K, 2)
+        t = np.linspace(0.0, 1.0, config.anchors_per_side, endpoint=False)
+        border = np.concatenate([np.stack([t * bw, np.zeros_like(t)], 1), np.stack([np.full_like(t, bw), t * bh], 1),
+                                 np.stack([bw - t * bw, np.full_like(t, bh)], 1), np.stack([np.zeros_like(t), bh - t * bh], 1)])
+        self.anchors = border.astype(np.float64)  # (4A, 2) zero-offset points on the box border
+        if config.method not in ("gaussian", "delaunay"):
+            raise ValueError(f"PixelWarpConfig.method must be gaussian or delaunay, got {config.method!r}")
+        gx = np.linspace(0.0, bw - 1, config.grid_cells)
+        gy = np.linspace(0.0, bh - 1, config.grid_cells)
+        self.grid = np.stack(np.meshgrid(gx, gy), axis=-1)  # (G, G, 2) box pixels
+        self.affine = np.asarray(affine, np.float64)
+        self.src_crop = landmarks[self.indices, :2].astype(np.float64)  # (K, 2) crop units
+        box_to_crop = self.affine.copy()
+        box_to_crop[:, 2] += box_to_crop[:, :2] @ np.array([self.x0, self.y0], np.float64)
+        self.grid_crop = (_apply(box_to_crop, self.grid.reshape(-1, 2)) / s).astype(np.float32)  # (G*G, 2) crop units
+        self.crop_to_box_linear = self.inv[:, :2] * s  # crop-unit offsets -> box-pixel offsets
+        # the border cells' flow is forced to zero (the box meets the untouched image there)
+        edge = np.ones((config.grid_cells, config.grid_cells), np.float32)
+        edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = 0.0
+        self.edge = edge[..., None]
+        # gaussian: only the landmarks that move (``moving``) change the flow; the weight of the still
+        # ones at each grid point is the same every frame, so it is summed once here
+        self.moving = np.isin(self.indices, np.asarray(moving if moving is not None else self.indices))
+        still = self.src_crop[~self.moving].astype(np.float32)
+        self.still_weight = self._weights(still).sum(1, keepdims=True) if len(still) else np.zeros((len(self.grid_crop), 1), np.float32)
+        self.src_moving = self.src_crop[self.moving].astype(np.float32)  # (M, 2)
+        xs, ys = np.meshgrid(np.arange(bw, dtype=np.float32), np.arange(bh, dtype=np.float32))
+        self.identity = (xs, ys)
+        self.box_pixels = np.ascontiguousarray(image[self.y0 : self.y1, self.x0 : self.x1])
+
+    def _weights(self, pts: np.ndarray, cells: np.ndarray | None = None) -> np.ndarray:
+        """Gaussian weights (G*G, N) float32 of points (N, 2) in crop units at the grid points (or at ``cells`` of them)."""
+        p = self.grid_crop if cells is None else self.grid_crop[cells]
+        d2 = (p * p).sum(1)[:, None] - 2.0 * p @ pts.T + (pts * pts).sum(1)[None, :]  # (G*G, N)
+        return np.exp(-np.minimum(np.maximum(d2, 0.0) / np.float32(2.0 * self.config.sigma ** 2), 80.0)).astype(np.float32)
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of the warped box in image pixels."""
+        return self.x0, self.y0, self.x1, self.y1
+
+    def target_points(self, landmarks: np.ndarray) -> np.ndarray:
+        """(478, 2) target landmarks in crop units -> the steering points in box pixels (K, 2)."""
+        return _apply(self.inv, landmarks[self.indices, :2] * float(self.crop_size_px)) - (self.x0, self.y0)
+
+    def maps(self, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``cv2.remap`` maps (bh, bw) float32 of the box for target ``landmarks`` (478, 2), crop units."""
+        g = self.config.grid_cells
+        if self.config.method == "gaussian":
+            dst = landmarks[self.indices[self.moving], :2].astype(np.float32)  # (M, 2) crop units
+            # cells farther than 5 sigma from every moving landmark get no flow: only the others are computed
+            pts = np.concatenate([dst, self.src_moving])
+            lo, hi = pts.min(0) - 5 * self.config.sigma, pts.max(0) + 5 * self.config.sigma
+            active = np.nonzero(np.all((self.grid_crop >= lo) & (self.grid_crop <= hi), axis=1))[0]
+            w = self._weights(dst, active)  # (A, M)
+            off = np.zeros((g * g, 2), np.float32)
+            off[active] = (w @ (self.src_moving - dst)) / (w.sum(1, keepdims=True) + self.still_weight[active] + self.config.floor)
+            disp = (off @ self.crop_to_box_linear.T.astype(np.float32)).reshape(g, g, 2) * self.edge
+        else:
+            dst = self.target_points(landmarks)
+            pts = np.concatenate([dst, self.anchors])  # (K + 4A, 2)
+            vals = np.concatenate([self.src - dst, np.zeros_like(self.anchors)])  # backward offsets: where to sample
+            disp = LinearNDInterpolator(pts, vals, fill_value=0.0)(self.grid).astype(np.float32)  # (G, G, 2)
+        bh, bw = self.box_pixels.shape[:2]
+        disp = cv2.resize(disp, (bw, bh), interpolation=cv2.INTER_LINEAR)  # (bh, bw, 2)
+        return self.identity[0] + disp[..., 0], self.identity[1] + disp[..., 1]
+
+    def warp(self, landmarks: np.ndarray) -> np.ndarray:
+        """The full portrait (a new array) with its lower face moved to ``landmarks`` (478, 2), crop units."""
+        mx, my = self.maps(landmarks)
+        interp = cv2.INTER_CUBIC if self.config.cubic else cv2.INTER_LINEAR
+        out = self.image.copy()
+        # only the rows and columns where something moves are resampled (a still pixel maps to itself)
+        moved = (np.abs(mx - self.identity[0]) > 0.01) | (np.abs(my - self.identity[1]) > 0.01)
+        rows, cols = np.nonzero(moved.any(1))[0], np.nonzero(moved.any(0))[0]
+        if len(rows) == 0:
+            return out
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        out[self.y0 + r0 : self.y0 + r1, self.x0 + c0 : self.x0 + c1] = cv2.remap(
+            self.box_pixels, mx[r0:r1, c0:c1], my[r0:r1, c0:c1], interp, borderMode=cv2.BORDER_REPLICATE)
+        return out
