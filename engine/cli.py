@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-ms", type=float, default=150.0, help="latency budget: above it the pipeline degrades")
     _runtime_args(p)
     p.set_defaults(func=_cmd_bench_pipeline)
-    p = bsub.add_parser("models", help="every graph on every backend and precision here: ms per call, GFLOP, % of the CPU's peak, ms per frame")
+    p = bsub.add_parser("models", help="every graph on every backend and precision here: ms per call, GFLOP, %% of the CPU's peak, ms per frame")
     p.add_argument("--out", required=True, help="JSON report; the bar chart goes beside it as .png")
     p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
     p.add_argument("--threads", type=int, help="inference threads (default: the cores this process may use)")

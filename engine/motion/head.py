@@ -152,7 +152,7 @@ class HeadMotion:
 
     def pose(self, index: int, speaking: bool = True) -> np.ndarray:
         """(4,) roll (deg), dx, dy (fraction of the face), scale of frame ``index`` (called in order)."""
-        self._extend(index + 1)
+        self._extend(index + 1 + self.fade)  # a cross-fade never rewrites frames already played
         target = 1.0 if speaking else self.cfg.idle_gain
         a = 1.0 - np.exp(-1.0 / (self.cfg.gain_tau_s * self.fps))
         self.gain += a * (target - self.gain)
