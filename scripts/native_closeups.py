@@ -5,7 +5,7 @@
 For each portrait (hallo 1 at 1280 px and the demo astronaut, neither ever trained on) driven by
 a real voice: the same frames rendered by the patch compositor (the first bundle's way: the whole
 lower face decoded from a 128 px patch) and by the native path (the portrait's pixels warped, the
-mouth interior generated). Writes ``closeups_<portrait>.png`` (rows: portrait, patch, native;
+mouth interior generated). Writes ``closeups_<portrait>.jpg`` (rows: portrait, patch, native;
 columns: frames over a sentence, the mouth box cut from the full-resolution frame, never resized)
 and ``closeups.json``: the sharpness ratio (lower face's Laplacian energy over the upper face's,
 output over portrait, at native resolution) and the mean mouth opening per path.
@@ -93,7 +93,7 @@ def main() -> None:
         strip = np.concatenate(rows, axis=0)
         for r, label in enumerate(("portrait", "patch (old)", "native (new)")):
             cv2.putText(strip, label, (6, r * (y1 - y0) + 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2, cv2.LINE_AA)
-        cv2.imwrite(str(out / f"closeups_{name}.png"), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / f"closeups_{name}.jpg"), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         report[name] = rep
         print(name, json.dumps(rep))
     (out / "closeups.json").write_text(json.dumps(report, indent=1) + "\n")
