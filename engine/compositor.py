@@ -5,7 +5,9 @@ The portrait's lower face is moved to the frame's landmarks by the pixel warp
 warp can show is what lies between the lips when they part (teeth, tongue, the dark cavity) and
 the inner lip edge: the compositor takes those from the decoded patch, inside the inner-lip
 polygon of the target landmarks grown by ``dilate`` and feathered by ``feather``. A closed mouth
-takes nothing from the generator.
+takes nothing from the generator; where the portrait's own mouth is open, its interior (teeth,
+say) is warped along with the lips and kept: only what opens beyond it is generated
+(:func:`new_interior`).
 """
 from __future__ import annotations
 
@@ -47,3 +49,9 @@ def interior_mask(lm_crop_units: np.ndarray, size_px: int, config: InteriorConfi
     out = cv2.GaussianBlur(m8.astype(np.float32) / 255.0, (0, 0), sigmaX=sigma)
     out[out < 1.0 / 255.0] = 0.0
     return np.clip(out, 0.0, 1.0)
+
+
+def new_interior(target: np.ndarray, source_warped: np.ndarray) -> np.ndarray:
+    """The part of the target interior mask (S, S) that the portrait's own interior, moved by the
+    warp (``source_warped``, its interior mask remapped with the crop-space flow), does not cover."""
+    return target * (1.0 - np.clip(source_warped, 0.0, 1.0))

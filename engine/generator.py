@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 import torch
 
 from engine.audio import frame_times_constant, log_mel, mel_index_for_time
 from engine.avatar import Avatar
-from engine.compositor import InteriorConfig, interior_mask
+from engine.compositor import InteriorConfig, interior_mask, new_interior
 from engine.face.paste import paste_back
 from engine.face.pixel_warp import PixelWarpConfig, PortraitWarp
 from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, pool_mask, warp_indices
@@ -81,6 +82,9 @@ class FrameGenerator:
         self.pixel_warp = PortraitWarp(avatar.image, avatar.affine, avatar.landmarks, avatar.crop_size_px, self.warp_idx, pixel_warp,
                                        moving=self.moving) \
             if compositor == "native" else None
+        # the portrait's own mouth interior (teeth, cavity) where its mouth is open: kept, warped with the lips
+        src_int = interior_mask(avatar.landmarks, avatar.crop_size_px, dataclasses.replace(interior, dilate=0.0))
+        self.source_interior = src_int if src_int.any() else None
         self.avatar_mask = avatar.mask()  # (P, P)
         self.avatar_patch = extract_patch(avatar.crop).astype(np.float32)  # (P, P, 3)
         self.blinks = BlinkSampler(bundle.blink_prior, bundle.fps, seed) if blinks else None
@@ -165,6 +169,10 @@ class FrameGenerator:
         if self.compositor == "native":
             base = self.pixel_warp.warp(lm_crop)
             interior = interior_mask(lm_crop, s, self.interior)
+            if interior.any() and self.source_interior is not None:
+                mx, my = self.pixel_warp.crop_maps(lm_crop, s)
+                interior = new_interior(interior, cv2.remap(self.source_interior, mx, my, cv2.INTER_LINEAR, borderValue=0))
+                interior[interior < 1.0 / 255.0] = 0.0
             if not interior.any():  # a closed mouth: nothing to decode
                 return self._with_blink(av.crop, interior, base=base)
         img = self.g_dec.infer({"z": x0.numpy().astype(np.float32)})["image"][0]  # (3, P, P) in about [-1, 1]

@@ -49,7 +49,11 @@ def test_eval_variants_full_frame_jitter_and_drift(heldout_shards, tmp_path):
     b = load_bundle(tiny_bundle(tmp_path / "b"))
     other = load_bundle(tiny_bundle(tmp_path / "b2", seed=1))
     rep = evaluate_selfrecon(b, [str(heldout_shards)], tmp_path / "r", max_frames=12, lpips=True, variants={"student1": (other, 1)},
-                             drift_seconds=1.0)
+                             drift_seconds=1.0, compositors={"student1": "patch"})
+    assert rep["compositors"] == {"ours": "native", "student1": "patch"}
+    a2l = rep["articulation"]["a2l_only:ours"]  # the A2L's own landmarks against ground truth's
+    assert a2l["amplitude_ratio"] > 0 and -1 <= a2l["correlation"] <= 1 and a2l["gt_amplitude"] > 0
+    assert "sharpness_ratio" in rep["summary"]["ours"] and rep["summary"]["static_portrait"]["sharpness_ratio"] == pytest.approx(1.0)
     assert set(rep["summary"]) == {"ours", "student1", "warp_only", "static_portrait", "ground_truth"}
     assert rep["steps"] == {"ours": 2, "student1": 1}
     ours = rep["summary"]["ours"]

@@ -17,6 +17,16 @@ from engine.motion.head import HeadMotion, HeadMotionLibrary, trajectory_from_af
 S = 256
 
 
+def _jaw_down(lm: np.ndarray, dy: float) -> np.ndarray:
+    """The lower lip and the jaw (the moving landmarks not on the upper lip) moved down by ``dy``."""
+    from engine.face.pixel_warp import UPPER_LIP
+
+    out = lm.copy()
+    low = np.setdiff1d(moving_indices(), UPPER_LIP)
+    out[low, 1] += dy
+    return out
+
+
 def _scene(scale: float = 2.0):
     """A textured 'portrait' (H, W, 3) whose canonical crop is its centre square scaled by ``scale``."""
     rng = np.random.default_rng(0)
@@ -39,9 +49,7 @@ def test_pixel_warp_with_unmoved_landmarks_is_the_portrait(method: str) -> None:
 def test_pixel_warp_moves_the_lips_and_leaves_the_rest_untouched() -> None:
     img, affine, lm = _scene()
     pw = PortraitWarp(img, affine, lm, S, warp_indices(), moving=moving_indices())
-    target = lm.copy()
-    lower_lip = [l for _, l in OPENING_PAIRS]
-    target[lower_lip, 1] += 0.02  # the lower lip down by 0.02 crop units (10 px here)
+    target = _jaw_down(lm, 0.02)  # the lower lip and jaw down by 0.02 crop units (10 px here)
     out = pw.warp(target)
     x0, y0, x1, y1 = pw.box
     outside = np.ones(img.shape[:2], bool)
@@ -50,13 +58,13 @@ def test_pixel_warp_moves_the_lips_and_leaves_the_rest_untouched() -> None:
     assert not np.array_equal(out[y0:y1, x0:x1], img[y0:y1, x0:x1])
     # border rows and columns of the box meet the untouched image: no seam
     assert np.abs(out[y0, x0:x1].astype(int) - img[y0, x0:x1]).max() <= 1
-    # on a vertical ramp, the pixel at the moved lower lip shows a row 3-11 px above it (backward flow;
+    # on a vertical ramp, the pixel at the moved lower lip shows a row 7-11 px above it (backward flow;
     # the Gaussian flow is a weighted mean, so still neighbours take a little of the displacement)
     ramp = np.repeat(np.repeat((np.arange(img.shape[0]) // 2).astype(np.uint8)[:, None], img.shape[1], 1)[..., None], 3, 2)
     pr = PortraitWarp(ramp, affine, lm, S, warp_indices(), moving=moving_indices())
     px = (target[14, :2] * S * 2.0).round().astype(int)
     shown_row = 2.0 * float(pr.warp(target)[px[1], px[0], 0])
-    assert 3.0 <= px[1] - shown_row <= 11.0
+    assert 7.0 <= px[1] - shown_row <= 11.0
 
 
 def test_pixel_warp_refuses_unknown_method() -> None:
@@ -154,3 +162,21 @@ def test_articulation_metrics_on_known_series() -> None:
     s = summarise([r, r2, {}])
     assert s["amplitude_ratio"] == pytest.approx(0.75, abs=0.02)
     assert articulation(gt[:5], gt[:5]) == {}
+
+
+def test_crop_maps_follow_the_same_flow_and_new_interior_keeps_the_portraits_own() -> None:
+    from engine.compositor import new_interior
+
+    img, affine, lm = _scene()
+    pw = PortraitWarp(img, affine, lm, S, warp_indices(), moving=moving_indices())
+    mx, my = pw.crop_maps(lm, S)
+    xs = np.arange(S, dtype=np.float32)
+    assert np.allclose(mx, xs[None, :]) and np.allclose(my, xs[:, None])  # nothing moves: identity
+    target = _jaw_down(lm, 0.02)
+    mx, my = pw.crop_maps(target, S)
+    c = (target[14, :2] * S).astype(int)
+    assert c[1] - 5.5 <= my[c[1], c[0]] <= c[1] - 3.5  # the moved lower lip samples ~5 px above it (backward flow)
+    u = (target[13, :2] * S).astype(int)
+    assert abs(my[u[1] - 1, u[0]] - (u[1] - 1)) < 1.0  # the upper lip, above the line, stays
+    t = np.ones((4, 4), np.float32)
+    assert np.array_equal(new_interior(t, np.zeros_like(t)), t) and not new_interior(t, np.ones_like(t)).any()

@@ -242,8 +242,9 @@ def _jitter(lips: list[np.ndarray | None]) -> float:
 
 
 def _cross_identity(store, data_dirs, segs, runs, _avatar, _generate, _sync) -> dict:
-    """Portrait of held-out segment i driven by the audio of segment i + 1 (another person): sync only."""
-    rows, totals = [], {m: [] for m in runs}
+    """Portrait of held-out segment i driven by the audio of segment i + 1 (another person): sync, and the
+    rendered mouth's articulation against the speaker's own real mouth (amplitude and speed ratios)."""
+    rows, totals, arts = [], {m: [] for m in runs}, {}
     for (seg_i, n), (seg_j, n_j) in zip(segs, segs[1:] + segs[:1]):
         a, b = store.segments[seg_i], store.segments[seg_j]
         crops = np.load(Path(_shard_dir(data_dirs, a.name)) / "crops.npy", mmap_mode="r")
@@ -251,14 +252,19 @@ def _cross_identity(store, data_dirs, segs, runs, _avatar, _generate, _sync) -> 
         lm_r = store.landmarks[a.start + a.length - 1]
         m_n = min(n_j, b.length - 1)
         row = {"portrait": a.name, "audio": b.name}
+        s = store.crop_size_px
+        speaker_open = opening_from_landmarks(store.landmarks[b.start : b.start + m_n]) * s  # the speaker's own real mouth
         for m in runs:
             cr = _generate(m, _avatar(m, crop_r, lm_r), b.mel, b.mel_index, m_n)
             row[m] = _sync(extract_patch(cr), b.mel, b.mel_index)
             if row[m]:
                 totals[m].append(row[m])
+            art = articulation(opening_from_lips(_lip_track(cr), index_sets()["lips"]), speaker_open)
+            row.setdefault("articulation", {})[m] = art
+            arts.setdefault(m, []).append(art)
         rows.append(row)
     summary = {m: {k: float(np.mean([r[k] for r in v])) for k in v[0]} for m, v in totals.items() if v}
-    return {"summary": summary, "pairs": rows}
+    return {"summary": summary, "articulation": {m: summarise(v) for m, v in arts.items()}, "pairs": rows}
 
 
 def _identity_drift(store, data_dirs, seg_i, runs, _avatar, rts, seed, seconds, lp, drift_variants: bool = False) -> dict:
@@ -335,10 +341,13 @@ def _markdown(rep: dict) -> str:
                 lines.append(f"| {m} | " + " | ".join(f"{d[k]:.3f}" if k in d else "-" for k in ak) + " |")
     ci = rep.get("cross_identity")
     if ci:
-        lines += ["", "## Cross-identity driving (portrait of one held-out person, audio of another): sync only", "",
-                  "| method | sync abs offset | LSE-C |", "| --- | --- | --- |"]
+        lines += ["", "## Cross-identity driving (portrait of one held-out person, audio of another)", "",
+                  "Articulation ratios are against the speaker's own real mouth on the same audio.", "",
+                  "| method | sync abs offset | LSE-C | amplitude ratio | speed ratio | correlation |", "| --- | --- | --- | --- | --- | --- |"]
         for m, d in ci["summary"].items():
-            lines.append(f"| {m} | {d.get('sync_abs_offset_frames', float('nan')):.2f} | {d.get('sync_lse_c', float('nan')):.3f} |")
+            ar = ci.get("articulation", {}).get(m, {})
+            lines.append(f"| {m} | {d.get('sync_abs_offset_frames', float('nan')):.2f} | {d.get('sync_lse_c', float('nan')):.3f} | "
+                         f"{ar.get('amplitude_ratio', float('nan')):.3f} | {ar.get('speed_ratio', float('nan')):.3f} | {ar.get('correlation', float('nan')):.3f} |")
     dr = rep.get("identity_drift")
     if dr:
         lines += ["", f"## Identity drift over a {dr['seconds']:.0f} s render (LPIPS of the lower face to the portrait)", "",

@@ -6,6 +6,11 @@ moving landmarks from the portrait's own by ``gain`` (fitted on training clips s
 predicted opening's spread matches the real one's: ``calibrate`` in engine/training/a2l.py), then
 keeps the result physical: the inner lips never cross, and the opening never exceeds
 ``max_opening_ratio`` of the mouth's width (the largest opening seen in the training clips).
+Before the gain, the displacement is projected onto the ``basis`` of real mouth motion (the
+principal components of the training clips' lip and jaw displacements from each speaker's closed
+mouth): the A2L predicts each point on its own, and its small point-to-point disagreements,
+invisible on a landmark plot, tear the portrait's pixels along the lips and the jaw line once a
+warp follows them exactly. A real mouth moves in a few coordinated ways.
 It only runs on speech frames (the pipeline shows the portrait in silence), so it is voice-gated.
 Saved in a bundle as ``articulation.json``; ``gain`` 1 turns it off.
 """
@@ -25,13 +30,16 @@ class ArticulationConfig:
     gain: float = 1.0  # displacement gain from the portrait's landmarks (1: the A2L as it is)
     max_opening_ratio: float = 0.6  # largest inner-lip opening, as a fraction of the mouth's width (corners 61-291)
     calibrated_on: str = ""  # what the gain was fitted on (provenance)
+    basis: tuple = ()  # (k, K*2) orthonormal rows: the principal displacements of the moving landmarks (patch units); () = none
+    basis_mean: tuple = ()  # (K*2,) mean displacement the basis is centred on
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ArticulationConfig":
-        return cls(**json.loads(Path(path).read_text()))
+        d = json.loads(Path(path).read_text())
+        return cls(**{**d, "basis": tuple(map(tuple, d.get("basis", ()))), "basis_mean": tuple(d.get("basis_mean", ()))})
 
 
 class Articulation:
@@ -45,10 +53,19 @@ class Articulation:
         self.lo = np.array([pos[l] for _, l in OPENING_PAIRS])
         self.corners = np.array([pos[61], pos[291]]) if 61 in pos and 291 in pos else None
         self.reference = np.asarray(reference, np.float32)
+        self.basis = np.asarray(config.basis, np.float32) if len(config.basis) else None  # (k, K*2)
+        self.basis_mean = np.asarray(config.basis_mean, np.float32) if len(config.basis_mean) else None
+        if self.basis is not None and self.basis.shape[1] != 2 * len(indices):
+            raise ValueError(f"articulation basis has {self.basis.shape[1]} columns for {len(indices)} landmarks")
 
     def __call__(self, lm: np.ndarray) -> np.ndarray:
         cfg = self.config
-        out = self.reference + cfg.gain * (np.asarray(lm, np.float32) - self.reference)  # (F, K, 2)
+        disp = np.asarray(lm, np.float32) - self.reference  # (F, K, 2)
+        if self.basis is not None:
+            f = disp.shape[0]
+            x = disp.reshape(f, -1) - self.basis_mean  # (F, K*2)
+            disp = ((x @ self.basis.T) @ self.basis + self.basis_mean).reshape(disp.shape)
+        out = self.reference + cfg.gain * disp  # (F, K, 2)
         # the inner lips never cross: a lower point above its upper partner meets it halfway
         up, lo = out[:, self.up, 1], out[:, self.lo, 1]
         mid = 0.5 * (up + lo)

@@ -220,13 +220,15 @@ def evaluate_a2l(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str],
 
 
 @torch.no_grad()
-def calibrate_articulation(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str], *, max_gain: float = 3.0):
+def calibrate_articulation(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str], *, max_gain: float = 3.0,
+                           basis_variance: float = 0.95):
     """Fit the articulation layer (engine/motion/articulation.py) on the training clips: the gain that
     makes the predicted inner-lip opening vary as much as the real one (per identity, the ratio of
     the real and predicted standard deviations pooled over its segments, the reference being each
     segment's most closed frame; then the median over identities, so that one speaker with many
-    clips, GRID's, does not decide it), and the largest real opening relative to the mouth's width
-    (99th percentile)."""
+    clips, GRID's, does not decide it), the largest real opening relative to the mouth's width
+    (99th percentile), and the basis of real mouth motion: the principal components of the real
+    displacements that hold ``basis_variance`` of their variance."""
     from engine.data.identities import identity_of
     from engine.motion.articulation import ArticulationConfig
 
@@ -237,7 +239,7 @@ def calibrate_articulation(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: 
     segs = store.audio_segments()
     neutral = neutral_frames(store, segs, idx)
     var: dict[str, list[float]] = {}
-    ratios = []
+    ratios, disps = [], []
     for seg in segs:
         s = store.segments[seg]
         mel, lm, ref = make_sample(store, seg, 0, s.length, neutral[seg], enc.config, idx)
@@ -246,9 +248,18 @@ def calibrate_articulation(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: 
         v = var.setdefault(identity_of(s.clip), [0.0, 0.0])
         v[0] += float(go.var()) * len(go)
         v[1] += float(po.var()) * len(po)
+        disps.append((lm - ref[None]).reshape(len(lm), -1))  # (T, K*2) real displacements from the closed mouth
         width = np.linalg.norm(lm[:, pos[291]] - lm[:, pos[61]], axis=-1)
         ratios.append(go / np.maximum(width, 1e-6))
     per_identity = [np.sqrt(g / max(p, 1e-12)) for g, p in var.values()]
+    x = np.concatenate(disps)  # (N, K*2)
+    mean = x.mean(0)
+    _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
+    explained = np.cumsum(sv ** 2) / np.sum(sv ** 2)
+    k = int(np.searchsorted(explained, basis_variance) + 1)
     gain = float(np.clip(np.median(per_identity), 1.0, max_gain))
     return ArticulationConfig(gain=round(gain, 4), max_opening_ratio=round(float(np.percentile(np.concatenate(ratios), 99)), 4),
-                              calibrated_on=f"{len(segs)} training segments ({len(var)} identities) of {', '.join(map(str, data_dirs))}")
+                              calibrated_on=f"{len(segs)} training segments ({len(var)} identities) of {', '.join(map(str, data_dirs))}; "
+                                            f"basis: {k} components, {100 * explained[k - 1]:.1f} % of the real displacements' variance",
+                              basis=tuple(tuple(round(float(v), 6) for v in row) for row in vt[:k]),
+                              basis_mean=tuple(round(float(v), 6) for v in mean))
