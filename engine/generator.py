@@ -50,11 +50,11 @@ class FrameGenerator:
     ``compositor``: ``"native"`` (default) moves the portrait's own pixels to the landmarks at its
     resolution and takes only the mouth interior from the generator (engine/face/pixel_warp.py,
     engine/compositor.py); ``"patch"`` pastes the whole decoded lower-face patch (the first
-    bundle's way, kept for comparison).
+    bundle's way, kept for comparison); default: the bundle manifest's ``compositor``, else native.
     """
 
     def __init__(self, runtime: Runtime, avatar: Avatar, *, steps: int | None = None, seed: int = 0, blinks: bool = True,
-                 head_motion: bool = False, compositor: str = "native", pixel_warp: PixelWarpConfig = PixelWarpConfig(),
+                 head_motion: bool = False, compositor: str | None = None, pixel_warp: PixelWarpConfig = PixelWarpConfig(),
                  interior: InteriorConfig = InteriorConfig(), articulation_gain: float | None = None):
         bundle = runtime.bundle
         self.runtime, self.bundle, self.avatar = runtime, bundle, avatar
@@ -76,6 +76,7 @@ class FrameGenerator:
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(avatar.latent.shape, generator=g)  # one noise for every frame: temporally stable
         self.warp_idx = warp_indices()
+        compositor = compositor or bundle.manifest.get("compositor", "native")
         if compositor not in COMPOSITORS:
             raise ValueError(f"compositor must be one of {COMPOSITORS}, got {compositor!r}")
         self.compositor, self.interior = compositor, interior

@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
 # Set up ./.venv with the engine and its dependencies (CPU build of torch), idempotently.
 #   scripts/install.sh          the engine (CPU)
-#   scripts/install.sh --dev    the engine and the test tools (and, as root on Debian/Ubuntu, Chromium
-#                               for the web client's browser test when it is missing)
+#   scripts/install.sh --dev    the engine and the test tools, and, as root on Debian/Ubuntu (apt-get),
+#                               the system packages the tests need when they are missing
+#   scripts/install.sh --list-system-packages   print those Debian packages, one a line, and exit
 # GPU machines: see README ("Installing on a GPU machine").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Debian/Ubuntu packages the test suite needs. Without one of them the tests that need it skip or
+# check the clear error instead, so a machine without root still passes; with --dev as root they
+# are installed, so a fresh machine runs every test.
+#   libportaudio2  the PortAudio library behind sounddevice (MicrophoneSource, SpeakerSink)
+#   libgl1 libglib2.0-0  loaded by OpenCV (opencv-contrib-python) and MediaPipe at import
+#   chromium       tests/test_web_client.py drives a headless Chromium
+dev_system_packages="libportaudio2 libgl1 libglib2.0-0 chromium"
+if [ "${1:-}" = "--list-system-packages" ]; then
+  printf '%s\n' $dev_system_packages
+  exit 0
+fi
+
 extras="cpu"
 [ "${1:-}" = "--dev" ] && extras="cpu,dev"
 python="${PYTHON:-python3}"
@@ -15,12 +29,32 @@ fi
 # torch==2.13.0 is named explicitly so that pip takes the CPU build (a bare `torch` would
 # fetch a multi-GB CUDA build).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[${extras}]"
-if [ "${1:-}" = "--dev" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
-   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  # tests/test_web_client.py drives a headless Chromium; without one it skips, saying why.
-  echo "installing Debian's chromium for the browser test (apt-get)..."
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; then
-    apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
-      || echo "could not install chromium: the browser test will skip" >&2
+installed() {  # a Debian package (or Ubuntu 24.04's t64 rename of it) is installed
+  { dpkg-query -W -f='${Status}' "$1" "$1t64" 2>/dev/null || true; } | grep -q "install ok installed"
+}
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1
+}
+if [ "${1:-}" = "--dev" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
+  missing=""
+  for pkg in $dev_system_packages; do
+    if [ "$pkg" = chromium ] && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
+      continue  # a Chromium from elsewhere (a snap, a download) serves the browser test as well
+    fi
+    installed "$pkg" || missing="$missing $pkg"
+  done
+  if [ -n "$missing" ]; then
+    echo "installing the system packages the tests need (apt-get):$missing"
+    # shellcheck disable=SC2086  # one word per package
+    if ! apt_install $missing; then
+      apt-get update -qq >/dev/null 2>&1 || true
+      for pkg in $missing; do  # one at a time, so that one unknown name does not stop the others
+        apt_install "$pkg" || apt_install "${pkg}t64" \
+          || echo "could not install $pkg: the tests that need it will skip or check the error without it" >&2
+      done
+    fi
   fi
+elif [ "${1:-}" = "--dev" ]; then
+  echo "not root on Debian/Ubuntu (apt-get): for the full test suite install these system packages yourself:" \
+    $dev_system_packages >&2
 fi

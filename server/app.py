@@ -4,7 +4,8 @@ Routes (JSON unless said; errors are ``{"error": "..."}`` with the status below)
 
     POST   /offer                        {sdp, type: "offer", avatar?: id, steps?: int} -> {sdp, type, session_id}
                                          400 malformed SDP / no video m-line / bad field, 404 unknown avatar,
-                                         503 (Retry-After) at capacity
+                                         503 (Retry-After) at capacity; a session whose peer does not connect
+                                         within the pending time (SessionConfig.connect_timeout_s, 5 s) is closed
     POST   /sessions/{id}/audio          raw PCM s16le body (chunked is fine), ?rate=&channels=[&end=1]
     GET    /sessions/{id}/audio/ws       WebSocket: binary PCM s16le; text JSON {"rate", "channels"} first
                                          (or ?rate=&channels=), {"type": "end_of_segment"}, {"type": "interrupt"}
@@ -15,7 +16,9 @@ Routes (JSON unless said; errors are ``{"error": "..."}`` with the status below)
     GET    /avatars                      {avatars: [{id, source, width, height, notes}]}
     POST   /avatars                      an image (multipart field or raw body) -> {id, ...}; 201 new, 200 known
                                          (kept in avatars_dir, when set, and prepared again at the next start);
-                                         400 not an image, 413 too large, 422 no face / several faces / too small
+                                         PNG, JPEG, WebP or BMP only, told by their magic bytes, size read from the
+                                         header before decoding (server/images.py): 400 not an image or a broken form,
+                                         413 too large, 415 another image format, 422 no face / several faces / too small
     GET    /healthz                      {ok, sessions, capacity} (never needs the token, nor does the page)
     GET    /metrics                      Prometheus text: server gauges, every session's pipeline metrics labelled session="id"
     GET    /                             the web client (clients/web/index.html) or a short text page
@@ -37,6 +40,7 @@ from collections import OrderedDict
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import signal
@@ -45,11 +49,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import BodyPartReader, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from engine.errors import AvatarInputError, ImageTooLargeError, UnreadableMediaError
 from engine.pipeline.sources import PushSource
-from server.avatars import DEFAULT_ID, AvatarStore
+from server.avatars import DEFAULT_ID, AvatarStore, UnsupportedImageError
 from server.ice import is_loopback_host, pin_host_addresses, set_consent_timeout
 from server.session import OfferError, Session, SessionConfig, offer_media
 
@@ -128,15 +133,38 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return bytes(data)
 
 
+def _loads(raw: str | bytes) -> Any:
+    """JSON from a client; every way it can be unusable is a ValueError: not JSON, not UTF-8, nested
+    too deep for the parser (RecursionError), an integer of more digits than Python converts."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, "Exceeds the limit (4300 digits)..."
+        if "integer string conversion" in str(e):
+            raise ValueError("an integer of too many digits") from None
+        raise ValueError(str(e)) from None
+
+
 async def _read_json(request: web.Request, limit: int) -> dict:
     raw = await _read_body(request, limit)
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        body = _loads(raw)
+    except ValueError as e:
         raise _json_error(web.HTTPBadRequest, f"body is not JSON: {e}") from None
     if not isinstance(body, dict):
         raise _json_error(web.HTTPBadRequest, "body must be a JSON object")
     return body
+
+
+def _retry_after_s(st: ServerState) -> int:
+    """When to try again at capacity: when the first pending session's pending time ends (it is then
+    streaming or closed), if that is sooner than ``retry_after_s``."""
+    pending = [s.pending_until for s in st.sessions.values() if s.pending_until is not None]
+    if not pending:
+        return st.config.retry_after_s
+    wait_s = min(pending) - asyncio.get_running_loop().time()
+    return max(1, min(st.config.retry_after_s, math.ceil(wait_s)))
 
 
 def _session(request: web.Request) -> Session:
@@ -162,8 +190,8 @@ def _push_source(s: Session) -> PushSource:
 def _pcm_format(rate: Any, channels: Any) -> tuple[int, int]:
     try:
         r, c = int(rate), int(1 if channels is None else channels)
-    except (TypeError, ValueError):
-        raise ValueError(f"rate and channels must be integers, got rate={rate!r} channels={channels!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), e.g. {"rate": 1e400}
+        raise ValueError(f"rate and channels must be integers, got rate={str(rate)[:40]!r} channels={str(channels)[:40]!r}") from None
     if not 8000 <= r <= 192000:
         raise ValueError(f"rate must be in [8000, 192000] Hz, got {r}")
     if not 1 <= c <= 8:
@@ -291,7 +319,7 @@ async def _offer(request: web.Request) -> web.Response:
     if len(st.sessions) >= st.config.max_sessions:
         st.sessions_rejected += 1
         raise _json_error(web.HTTPServiceUnavailable, f"at capacity: {len(st.sessions)} of {st.config.max_sessions} sessions "
-                          "in use; retry later", **{"Retry-After": str(st.config.retry_after_s)})
+                          "in use; retry later", **{"Retry-After": str(_retry_after_s(st))})
     sid = secrets.token_hex(8)
     cfg = st.config.session if steps is None else dataclasses.replace(st.config.session, steps=steps)
     s = Session(sid, st.runtime, st.avatars.get(avatar_id), avatar_id, cfg, on_closed=st.session_closed)
@@ -356,7 +384,7 @@ async def _audio_ws(request: web.Request) -> web.WebSocketResponse:
                     break  # the session closed
             elif msg.type == WSMsgType.TEXT:
                 try:
-                    m = json.loads(msg.data)
+                    m = _loads(msg.data)
                     if not isinstance(m, dict):
                         raise ValueError("a control message is a JSON object")
                     if "rate" in m:
@@ -413,16 +441,21 @@ async def _read_upload(request: web.Request, limit: int) -> bytes:
         return await _read_body(request, limit)
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
         raise _too_large(f"upload of {request.content_length} bytes is over the limit of {limit}", limit, request.content_length)
-    reader = await request.multipart()
-    async for part in reader:
-        if part.filename is None and part.name not in ("image", "file", "portrait"):
-            continue
-        data = bytearray()
-        while chunk := await part.read_chunk(64 * 1024):
-            data += chunk
-            if len(data) > limit:
-                raise _too_large(f"image over the limit of {limit} bytes", limit, len(data))
-        return bytes(data)
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            if not isinstance(part, BodyPartReader):  # a nested multipart: not where an image is
+                continue
+            if part.filename is None and part.name not in ("image", "file", "portrait"):
+                continue
+            data = bytearray()
+            while chunk := await part.read_chunk(64 * 1024):
+                data += chunk
+                if len(data) > limit:
+                    raise _too_large(f"image over the limit of {limit} bytes", limit, len(data))
+            return bytes(data)
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as e:  # aiohttp's reader: no or a wrong boundary, broken part headers
+        raise _json_error(web.HTTPBadRequest, f"malformed multipart form: {str(e)[:200]}") from None
     raise _json_error(web.HTTPBadRequest, "the form has no image: send it as a file part (or a field named 'image')")
 
 
@@ -435,6 +468,8 @@ async def _upload_avatar(request: web.Request) -> web.Response:
         entry, created = await st.avatars.upload(data)
     except ImageTooLargeError as e:
         raise _too_large(str(e), st.config.max_upload_bytes, len(data)) from None
+    except UnsupportedImageError as e:  # an image, but not of a format allowed
+        raise _json_error(web.HTTPUnsupportedMediaType, str(e)) from None
     except UnreadableMediaError as e:
         raise _json_error(web.HTTPBadRequest, str(e)) from None
     except AvatarInputError as e:  # no face, several faces, a face too small

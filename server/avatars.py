@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-import io
 import logging
 import os
 import sys
@@ -28,13 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.avatar import Avatar, decode_portrait, load_portrait, prepare_avatar
-from engine.errors import ImageTooLargeError
+from engine.avatar import MAX_SIDE_PX, Avatar, decode_portrait, load_portrait, prepare_avatar
+from engine.errors import FaceTooSmallError, ImageTooLargeError, UnreadableMediaError
 from engine.face.landmarks import FaceOptions
+from server.images import ImageFormatError, probe_image
 
 DEFAULT_ID = "default"
+MIN_SIDE_PX = FaceOptions().min_face_px  # an image whose shorter side (once scaled to MAX_SIDE_PX) is below this holds no usable face
 PREPARE_NICE = 10  # the preparing thread's niceness: live sessions' threads come first on a busy CPU
 log = logging.getLogger("avatar.server")
+
+
+class UnsupportedImageError(UnreadableMediaError):
+    """An image, but of a format uploads may not be (only server.images.ALLOWED_FORMATS): HTTP 415."""
 
 
 def _lower_priority() -> None:
@@ -142,8 +147,9 @@ class AvatarStore:
 
     async def upload(self, data: bytes) -> tuple[AvatarEntry, bool]:
         """Prepare an uploaded image; returns (entry, created). Raises the engine's AvatarInputError
-        subclasses: UnreadableMediaError (not an image), ImageTooLargeError, NoFaceError,
-        MultipleFacesError, FaceTooSmallError."""
+        subclasses: UnreadableMediaError (not an image), UnsupportedImageError (an image of a format
+        not allowed), ImageTooLargeError, NoFaceError, MultipleFacesError, FaceTooSmallError (also
+        for an image too small to hold a face). Format and size come from the header, before decoding."""
         avatar_id = hashlib.sha256(data).hexdigest()[:32]
         if avatar_id in self._entries:
             self._entries.move_to_end(avatar_id)
@@ -165,7 +171,7 @@ class AvatarStore:
             del self._inflight[avatar_id]
 
     async def _prepare(self, avatar_id: str, data: bytes, *, keep: bool = True) -> AvatarEntry:
-        self._check_pixels(data)
+        self.check_header(data)
         loop = asyncio.get_running_loop()
         crop = self.runtime.bundle.crop_size_px
         opts = FaceOptions(on_multiple="refuse", max_image_pixels=self.max_pixels)
@@ -180,18 +186,19 @@ class AvatarStore:
             self._keep(avatar_id, data)
         return self.add(avatar_id, avatar, "upload")
 
-    def _check_pixels(self, data: bytes) -> None:
-        """Refuse a decompression bomb from its header (Pillow reads only the header), before OpenCV decodes it."""
+    def check_header(self, data: bytes) -> None:
+        """Refuse, from the header alone and before OpenCV decodes anything: a format not in
+        ALLOWED_FORMATS (whatever else OpenCV could decode, e.g. a Radiance HDR bomb), more than
+        ``max_pixels``, or an image too small (or too thin) to hold a face once scaled."""
         try:
-            from PIL import Image
-        except ImportError:
-            return
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-        except Image.DecompressionBombError as e:
-            raise ImageTooLargeError(f"the uploaded image is too large: {e}") from None
-        except (OSError, ValueError, SyntaxError):  # not an image Pillow knows (UnidentifiedImageError is an OSError): OpenCV decides
-            return
+            info = probe_image(data)
+        except ImageFormatError as e:
+            cls = UnsupportedImageError if e.known else UnreadableMediaError
+            raise cls(f"the uploaded image: {e}") from None
+        w, h = info.width_px, info.height_px
         if w * h > self.max_pixels:
             raise ImageTooLargeError(f"the uploaded image is {w}x{h} = {w * h} pixels, more than {self.max_pixels}")
+        shorter_px = min(w, h) * min(1.0, MAX_SIDE_PX / max(w, h, 1))  # its shorter side once scaled as portraits are
+        if shorter_px < MIN_SIDE_PX:
+            raise FaceTooSmallError(f"the uploaded image is {w}x{h} pixels: too small to hold a face (the shorter side must be at "
+                                    f"least {MIN_SIDE_PX} px, after scaling the longer one to at most {MAX_SIDE_PX})")

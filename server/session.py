@@ -8,7 +8,8 @@
 The pipeline starts when the peer's connection asks for media (a track's first ``recv``), not at
 the offer, so no frames pile up while ICE and DTLS connect. The session closes itself when the
 connection fails or closes, when the input ends, when the pipeline fails, or when no media
-connection comes within ``connect_timeout_s``; ``close()`` is idempotent and leaves no task behind.
+connection comes within ``connect_timeout_s`` (the pending time: an offer that never connects holds
+its session slot this long at most, 5 s by default); ``close()`` is idempotent and leaves no task behind.
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ class OfferError(ValueError):
 @dataclass(frozen=True)
 class SessionConfig:
     steps: int | None = None  # denoising steps (None: the bundle's)
-    connect_timeout_s: float = 30.0  # close the session if no media connection comes within this
+    # the pending time: close the session if no media connection (ICE + DTLS, then the first media
+    # request) comes within this after the answer; an offer that never connects holds a slot this long
+    connect_timeout_s: float = 5.0
     push_buffer_s: float = 10.0  # pushed audio queued ahead of the pipeline at most (pushes wait beyond)
     audio_jitter_packets: int = 1  # packets of the peer's audio held before decoding (aiortc's default 4 = 80 ms; server/jitter.py)
 
@@ -56,8 +59,11 @@ def offer_media(sdp_text: str) -> dict[str, str]:
         raise OfferError("malformed SDP: no media sections ('m=' lines)")
     media: dict[str, str] = {}
     for m in desc.media:
+        if m.kind in ("audio", "video") and not m.direction:
+            raise OfferError(f"the offer's {m.kind} m-line has no direction attribute: add a=recvonly (or a=sendrecv, "
+                             "a=sendonly, a=inactive), as browsers and aiortc write it")
         if m.kind in ("audio", "video") and m.kind not in media:
-            media[m.kind] = m.direction or "sendrecv"
+            media[m.kind] = m.direction
     if media.get("video") not in ("recvonly", "sendrecv"):
         raise OfferError("the offer has no video m-line that receives: add a video transceiver with direction "
                          "'recvonly' (the avatar's video is sent to you)")
@@ -83,6 +89,7 @@ class Session:
         self.push: PushSource | None = None  # set when the input is pushed PCM
         self.input = "none"  # "track": the peer's audio track; "push": HTTP / WebSocket PCM
         self.state = "new"  # new -> connecting -> streaming -> closed
+        self.pending_until: float | None = None  # while connecting: the loop time at which the pending time ends
         self.close_reason: str | None = None
         self.error: str | None = None  # the pipeline's error, if it failed
         self.closed = asyncio.Event()
@@ -125,8 +132,12 @@ class Session:
         else:
             self.push = PushSource(max_buffer_s=self.config.push_buffer_s)
             self.source, self.input = self.push, "push"  # a reply pushed at once is generated ahead; the tracks pace it
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        try:
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except Exception as e:  # an offer aiortc accepted but cannot answer (ValueError, InvalidStateError...)
+            raise OfferError(f"cannot answer the offer: {type(e).__name__}: {e}") from e
         self.state = "connecting"
+        self.pending_until = asyncio.get_running_loop().time() + self.config.connect_timeout_s
         self._spawn(self._run(), "session-run")
         return self.pc.localDescription
 
@@ -143,7 +154,7 @@ class Session:
             if not await wait_event(self.pacer.wanted, self.config.connect_timeout_s):
                 reason = f"no media connection within {self.config.connect_timeout_s:g} s"
                 return
-            self.state = "streaming"
+            self.state, self.pending_until = "streaming", None
             self.pipeline.start(self.source)
             await self.pacer.run(self.pipeline.frames())
         except (PipelineError, AvatarInputError) as e:

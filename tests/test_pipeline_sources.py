@@ -450,11 +450,30 @@ def _has_input_device() -> bool:
         return False
 
 
+def _has_portaudio() -> bool:
+    try:
+        import sounddevice  # noqa: F401  (loads the PortAudio library)
+
+        return True
+    except (ImportError, OSError):  # OSError: "PortAudio library not found"
+        return False
+
+
 def test_microphone_source_without_a_device_raises_a_clear_error() -> None:
+    """Either cause is a clear AudioDeviceUnavailable naming the device asked for: without the
+    PortAudio library (a fresh machine without libportaudio2) it says which package to install;
+    with the library but no such device it says the device cannot record."""
     if _has_input_device():
         pytest.skip("an audio input device exists here; this test checks the error without one")
-    with pytest.raises(AudioDeviceUnavailable, match="no audio input device") as info:
+    library = _has_portaudio()
+    with pytest.raises(AudioDeviceUnavailable, match="^no audio input device: the default input ") as info:
         MicrophoneSource()
     assert isinstance(info.value, AvatarInputError)
-    with pytest.raises(AudioDeviceUnavailable, match="device 'no such microphone'"):
+    with pytest.raises(AudioDeviceUnavailable, match="^no audio input device: device 'no such microphone' ") as info:
         MicrophoneSource(device="no such microphone")
+    message = str(info.value)
+    assert "\n" not in message
+    if library:
+        assert "cannot record 16000 Hz mono" in message and "sounddevice.query_devices()" in message
+    else:
+        assert "PortAudio library could not be loaded" in message and "libportaudio2" in message

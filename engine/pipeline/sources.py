@@ -500,14 +500,24 @@ class PushSource(AudioSource):
         self._wake()
 
 
-def _import_sounddevice() -> ModuleType:
-    """Import sounddevice (which loads PortAudio), mapping failure to AudioDeviceUnavailable."""
+def _describe_input_device(device: int | str | None) -> str:
+    """The device as the errors name it: "the default input" or "device 'name'"."""
+    return "the default input" if device is None else f"device {device!r}"
+
+
+def _import_sounddevice(device: int | str | None = None) -> ModuleType:
+    """Import sounddevice (which loads PortAudio), mapping failure to AudioDeviceUnavailable.
+
+    The message names the device asked for and says that the library, not the device, is
+    what is missing, with the package to install.
+    """
     try:
         import sounddevice
     except (ImportError, OSError) as e:  # OSError: "PortAudio library not found"
         raise AudioDeviceUnavailable(
-            f"no audio input device: PortAudio could not be loaded ({e}); "
-            "install it (Debian/Ubuntu: apt-get install libportaudio2)"
+            f"no audio input device: {_describe_input_device(device)} cannot be opened because "
+            f"the PortAudio library could not be loaded ({e}); install it "
+            "(Debian/Ubuntu: apt-get install libportaudio2, or scripts/install.sh --dev as root)"
         ) from e
     return sounddevice
 
@@ -529,7 +539,7 @@ class MicrophoneSource(AudioSource):
         self.max_queue_chunks = max_queue_chunks  # bound of the chunk queue (50 = 0.5 s)
         self.overflows = 0  # chunks dropped because the consumer fell behind
         self.input_overflows = 0  # blocks where PortAudio reported an input overflow (device-side loss)
-        self._sd = _import_sounddevice()
+        self._sd = _import_sounddevice(device)
         try:
             self._sd.check_input_settings(
                 device=device, channels=1, dtype="float32", samplerate=SAMPLE_RATE_HZ
@@ -543,7 +553,7 @@ class MicrophoneSource(AudioSource):
         self._closed = False
 
     def _unavailable_message(self, e: BaseException) -> str:
-        which = "the default input" if self.device is None else f"device {self.device!r}"
+        which = _describe_input_device(self.device)
         return (
             f"no audio input device: {which} cannot record {SAMPLE_RATE_HZ} Hz mono float32 "
             f"({e}); connect a microphone or pass device= one of sounddevice.query_devices()"

@@ -46,14 +46,16 @@ def segment_embeddings(store: FrameStore, lookahead_rows: int) -> dict[int, np.n
 
 
 def make_sample(store: FrameStore, seg: int, start: int, seq: int, ref: int, enc_cfg: AudioEncoderConfig, idx: np.ndarray,
-                embeddings: dict[int, np.ndarray] | None = None):
+                embeddings: dict[int, np.ndarray] | None = None, delay: int = 0):
+    """Audio of frames [start, start + seq) and the landmarks ``delay`` frames earlier (a model that
+    answers ``delay`` frames late sees that much more audio after each frame it draws)."""
     s = store.segments[seg]
     frames = np.arange(start, start + seq)
     if enc_cfg.input_kind == "speech_embedding":
         mel = embeddings[seg][frames]  # (T, 96)
     else:
         mel = store.mel_window(seg, frames, enc_cfg.mel_before, enc_cfg.mel_after)  # (T, W, 80)
-    lm = to_patch_units(store.landmarks[s.start + frames][:, idx])  # (T, K, 2)
+    lm = to_patch_units(store.landmarks[s.start + np.maximum(frames - delay, 0)][:, idx])  # (T, K, 2)
     reference = to_patch_units(store.landmarks[s.start + ref][idx])  # (K, 2)
     return mel, lm, reference
 
@@ -111,7 +113,7 @@ def lip_weights(idx: np.ndarray) -> np.ndarray:
 
 def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainConfig, *, seq_frames: int = 50, velocity_weight: float = 2.0,
               shape_weight: float = 2.0, opening_weight: float = 0.0, opening_std_weight: float = 0.0, neutral_reference_prob: float = 0.0,
-              audio_encoder: str | None = None) -> None:
+              audio_encoder: str | None = None, landmark_delay_frames: int = 0) -> None:
     """Train the audio encoder and the A2L (or, with ``audio_encoder`` = a model stem such as
     ``engine/bundles/default/audio_encoder``, only the A2L on that frozen encoder, so that a
     bundle's denoiser, conditioned on the encoder's features, keeps working).
@@ -119,7 +121,9 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
     Against regression to the mean (issue 14): ``opening_weight`` weighs an L1 loss on the inner-lip
     opening and its frame-to-frame change; ``opening_std_weight`` one on the mismatch of the
     opening's spread over each sequence; ``neutral_reference_prob`` is how often the reference is
-    the segment's most closed frame (a portrait's usual mouth) instead of a random frame."""
+    the segment's most closed frame (a portrait's usual mouth) instead of a random frame.
+    ``landmark_delay_frames``: the model draws each frame that many frames late, i.e. with that
+    much more audio lookahead (to measure what lookahead buys; the live path uses 0)."""
     store = FrameStore(data_dirs, split="train", with_patches=False)
     segs = _sequences(store, seq_frames)
     if not segs:
@@ -159,7 +163,8 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
             seg = segs[rng.choice(len(segs), p=p)]
             n = store.segments[seg].length
             ref = neutral[seg] if rng.random() < neutral_reference_prob else int(rng.integers(0, n))
-            out.append(make_sample(store, seg, int(rng.integers(0, n - seq_frames + 1)), seq_frames, ref, enc_cfg, idx, embeddings))
+            out.append(make_sample(store, seg, int(rng.integers(0, n - seq_frames + 1)), seq_frames, ref, enc_cfg, idx, embeddings,
+                                   landmark_delay_frames))
         mel, lm, ref = (torch.from_numpy(np.stack(x)) for x in zip(*out))
         if embeddings is not None:  # embeddings: no spectral augmentation, a little noise
             return mel + 0.05 * enc_cfg.mel_std * torch.randn_like(mel), lm, ref
@@ -183,13 +188,13 @@ def train_a2l(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainCo
     trained = train(name="a2l", model=model, make_batch=make_batch, loss_fn=loss_fn, cfg=tcfg, out_dir=out_dir)
     save_model(trained.encoder, Path(out_dir) / "audio_encoder")
     save_model(trained.a2l, Path(out_dir) / "a2l")
-    report = evaluate_a2l(trained.encoder, trained.a2l, data_dirs)
+    report = evaluate_a2l(trained.encoder, trained.a2l, data_dirs, delay=landmark_delay_frames)
     (Path(out_dir) / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     print("a2l held-out:", json.dumps(report))
 
 
 @torch.no_grad()
-def evaluate_a2l(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str], *, crop_px: int = 256) -> dict:
+def evaluate_a2l(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str], *, crop_px: int = 256, delay: int = 0) -> dict:
     """Held-out lip landmark error (pixels at ``crop_px``) for whole segments, reference = the segment's first frame."""
     try:
         store = FrameStore(data_dirs, split="eval", with_patches=False)
@@ -201,7 +206,7 @@ def evaluate_a2l(enc: AudioEncoder, a2l: AudioToLandmarks, data_dirs: list[str],
     errs, base, opening_corr, amp, speed = [], [], [], [], []
     for seg in store.audio_segments():
         s = store.segments[seg]
-        mel, lm, ref = make_sample(store, seg, 0, s.length, 0, enc.config, idx, embeddings)
+        mel, lm, ref = make_sample(store, seg, 0, s.length, 0, enc.config, idx, embeddings, delay)
         pred = a2l(enc(torch.from_numpy(mel)[None]), torch.from_numpy(ref)[None])[0][0].numpy()  # (T, K, 2)
         scale = crop_px * 0.5  # patch units -> crop pixels (the patch is half the crop)
         errs.append(np.linalg.norm(pred[:, lips] - lm[:, lips], axis=-1).mean() * scale)
