@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engine.audio import frame_times_constant, log_mel, mel_index_for_time
-from engine.avatar import Avatar
+from engine.avatar import Avatar, encode_patch
 from engine.compositor import InteriorConfig, interior_mask, new_interior
 from engine.face.paste import paste_back
 from engine.face.pixel_warp import PixelWarpConfig, PortraitWarp
@@ -55,7 +55,7 @@ class FrameGenerator:
 
     def __init__(self, runtime: Runtime, avatar: Avatar, *, steps: int | None = None, seed: int = 0, blinks: bool = True,
                  head_motion: bool = False, compositor: str | None = None, pixel_warp: PixelWarpConfig = PixelWarpConfig(),
-                 interior: InteriorConfig = InteriorConfig(), articulation_gain: float | None = None):
+                 interior: InteriorConfig = InteriorConfig(), articulation_gain: float | None = None, pixel_reference: bool = True):
         bundle = runtime.bundle
         self.runtime, self.bundle, self.avatar = runtime, bundle, avatar
         c = bundle.configs
@@ -79,7 +79,7 @@ class FrameGenerator:
         compositor = compositor or bundle.manifest.get("compositor", "native")
         if compositor not in COMPOSITORS:
             raise ValueError(f"compositor must be one of {COMPOSITORS}, got {compositor!r}")
-        self.compositor, self.interior = compositor, interior
+        self.compositor, self.interior, self.pixel_reference = compositor, interior, pixel_reference
         self.pixel_warp = PortraitWarp(avatar.image, avatar.affine, avatar.landmarks, avatar.crop_size_px, self.warp_idx, pixel_warp,
                                        moving=self.moving) \
             if compositor == "native" else None
@@ -147,8 +147,15 @@ class FrameGenerator:
         px_mask = np.maximum(self.avatar_mask, patch_mask(from_patch_units(lm_all[0].numpy()) * s, s))  # (P, P)
         with torch.no_grad():
             m_lat = latent_mask(torch.from_numpy(pool_mask(px_mask, self.ae_cfg.downsample))[None, None], self.den_cfg.mask_dilate_cells)
-        reference = self.g_warp.infer({"x": av.latent.numpy(), "src": self.ref_all[:, self.warp_idx].numpy(),
-                                       "dst": lm_all[:, self.warp_idx].numpy()})["warped"]
+        if self.pixel_warp is not None and self.pixel_reference:
+            # the denoiser's reference: the portrait warped by the pixel flow (the mouth opened as far as the
+            # frame's landmarks say) and encoded, so that what it paints lines up with the interior mask
+            mx, my = self.pixel_warp.crop_maps(from_patch_units(lm_all[0].numpy()), s)
+            warped_crop = cv2.remap(av.crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            reference = encode_patch(self.runtime, extract_patch(warped_crop)).numpy()
+        else:
+            reference = self.g_warp.infer({"x": av.latent.numpy(), "src": self.ref_all[:, self.warp_idx].numpy(),
+                                           "dst": lm_all[:, self.warp_idx].numpy()})["warped"]
         cond = {"masked": (av.latent * (1 - m_lat)).numpy(), "mask": m_lat.numpy(), "reference": reference,
                 "previous": (self.previous if self.previous is not None else torch.zeros_like(av.latent)).numpy(),
                 "landmarks": lm_moving[None].numpy(), "audio": audio.numpy()}
