@@ -157,6 +157,10 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
         gt_jitter = None
         gt_open = gt_sharp = None
         sharp_r = sharpness(crop_r)
+        lip_px = lm_r[index_sets()["lips"]] * s
+        pad = 0.25 * (lip_px[:, 0].max() - lip_px[:, 0].min())
+        mouth_box = [int(max(lip_px[:, 0].min() - pad, 0)), int(max(lip_px[:, 1].min() - pad, 0)),
+                     int(min(lip_px[:, 0].max() + pad, s)), int(min(lip_px[:, 1].max() + pad, s))]
         for m in ("ground_truth",) + methods:
             cr = result_crops[m]
             pt = extract_patch(cr)
@@ -165,6 +169,9 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
             jit = _jitter(lips)
             opening = opening_from_lips(lips, lips_ids)
             met["sharpness_ratio"] = float(np.mean([sharpness(c) for c in cr[:: max(n // 10, 1)]])) / max(sharp_r, 1e-9)
+            # temporal stability of the mouth: mean |frame-to-frame change| inside the portrait's mouth box (grey levels)
+            box = cr[:, mouth_box[1] : mouth_box[3], mouth_box[0] : mouth_box[2]].astype(np.float32)
+            met["mouth_change_per_frame"] = float(np.abs(np.diff(box, axis=0)).mean()) if len(box) > 1 else 0.0
             if m == "ground_truth":
                 gt_jitter = jit
                 gt_open = opening
@@ -321,7 +328,7 @@ def _shard_dir(data_dirs: list[str], segment: str) -> Path:
 
 def _markdown(rep: dict) -> str:
     keys = ["lpips_lower_face", "ssim_lower_face", "psnr_lower_face_db", "lpips_full", "ssim_full", "sharpness_ratio", "lip_landmark_error_px",
-            "mouth_jitter_vs_gt", "sync_abs_offset_frames", "sync_lse_c"]
+            "mouth_jitter_vs_gt", "mouth_change_per_frame", "sync_abs_offset_frames", "sync_lse_c"]
     head = "| method | steps | " + " | ".join(keys) + " |"
     lines = [f"# Held-out self-reconstruction (seed {rep['seed']}, up to {rep['max_frames']} frames per segment)", "",
              f"LPIPS: {rep['lpips'] or 'not available'}. Mean over {len(rep['segments'])} held-out segments.", "",
