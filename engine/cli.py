@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
+from engine.cli_checks import OneLineParser, check_args, interrupted, listen_error, version
 from engine.errors import AvatarInputError
 
 DEMO = Path(__file__).resolve().parent / "assets" / "demo"  # public-domain portrait and synthesised voice (see its README)
@@ -60,11 +62,23 @@ def _cmd_render(a: argparse.Namespace) -> int:
     from engine.render import render
 
     info = render(a.portrait, a.audio, a.out, bundle=a.bundle, steps=a.steps, seed=a.seed, blinks=not a.no_blinks, head_motion=not a.no_head_motion, threads=a.threads,
-                  progress=not a.quiet, backend=a.backend)
+                  progress=not a.quiet, backend=a.backend, watermark=not a.no_watermark)
     for n in info["notes"]:
         print(f"note: {n}")
+    pv = info["provenance"]
+    mark = f"watermark v{pv['watermark']['version']} (bundle {pv['watermark']['bundle']}, id {pv['watermark']['id']})" if pv["watermark"].get("embedded") \
+        else "NO watermark (--no-watermark)"
+    print(f"provenance: {mark}; C2PA manifest {pv['c2pa']}; check with `avatar verify {info['out']}`")
     print(f"wrote {info['out']}: {info['frames']} frames at {info['fps']} fps ({info['audio_s']} s of audio), "
           f"{info['steps']} denoising steps on {info['backend']}, {info['frames_per_s']} frames/s, {info['seconds']['total']} s in all")
+    return 0
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from engine.provenance.verify import verify_video
+
+    v = verify_video(a.file)
+    print(json.dumps(v.as_dict(), indent=1) if a.json else v.summary())
     return 0
 
 
@@ -170,18 +184,29 @@ def _cmd_distill(a: argparse.Namespace) -> int:
 
 def _cmd_serve(a: argparse.Namespace) -> int:
     import asyncio
+    import errno
     import os
 
     from engine.runtime import load_runtime
     from server.app import DEMO_PORTRAIT, ServerConfig, serve
     from server.session import SessionConfig
 
+    from server.ice import ice_servers_from_env, parse_ice_servers
+
     token = a.token or os.environ.get("AVATAR_TOKEN") or None
+    # --ice-server URL (repeatable), else $AVATAR_ICE_SERVERS; checked before the models load
+    ice = tuple(parse_ice_servers(a.ice_server, username=a.ice_username, credential=a.ice_credential) if a.ice_server
+                else ice_servers_from_env())
     cfg = ServerConfig(host=a.host, port=a.port, max_sessions=a.max_sessions, token=token, cors_origins=tuple(a.cors or ()),
-                       session=SessionConfig(steps=a.steps), peer_timeout_s=a.peer_timeout,
+                       session=SessionConfig(steps=a.steps, connect_timeout_s=a.pending_timeout, ice_servers=ice), peer_timeout_s=a.peer_timeout,
                        avatars_dir=Path(a.avatars_dir) if a.avatars_dir else None, default_portrait=Path(a.portrait) if a.portrait else DEMO_PORTRAIT)
     rt = load_runtime(a.bundle, a.backend, threads=a.threads)
-    asyncio.run(serve(rt, cfg))
+    try:
+        asyncio.run(serve(rt, cfg))
+    except OSError as e:  # the port was taken between the check before loading and now
+        if e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        raise ValueError(listen_error(a.host, a.port, e)) from None
     return 0
 
 
@@ -190,10 +215,19 @@ def _cmd_client(a: argparse.Namespace) -> int:
     import os
 
     from clients.python.client import ClientError, run_client
+    from server.ice import ice_servers_from_env, parse_ice_servers, rtc_configuration
 
+    try:  # --ice-server URL (repeatable), else $AVATAR_ICE_SERVERS; checked before anything connects
+        ice = (parse_ice_servers(a.ice_server, username=a.ice_username, credential=a.ice_credential) if a.ice_server
+               else ice_servers_from_env())
+        rtc_configuration(ice, relay_only=a.ice_relay_only)
+    except (ValueError, OSError) as e:
+        print(f"avatar client: error: {e}", file=sys.stderr)
+        return 2
     try:
         report = asyncio.run(run_client(a.server, a.audio, avatar=a.avatar, record=a.record, seconds=a.seconds,
-                                        token=a.token or os.environ.get("AVATAR_TOKEN") or None, steps=a.steps))
+                                        token=a.token or os.environ.get("AVATAR_TOKEN") or None, steps=a.steps,
+                                        ice_servers=ice, relay_only=a.ice_relay_only))
     except (ClientError, OSError) as e:
         print(f"avatar client: error: {e}", file=sys.stderr)
         return 1
@@ -228,7 +262,8 @@ def _cmd_bench_models(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="avatar", description="Real-time talking-head avatar engine.")
+    ap = OneLineParser(prog="avatar", description="Real-time talking-head avatar engine.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="turn talking-head videos into aligned training shards")
@@ -258,9 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise and blink seed (renders are deterministic given it)")
     p.add_argument("--no-blinks", action="store_true", help="keep the eyes as in the portrait")
     p.add_argument("--no-head-motion", action="store_true", help="keep the head still (no idle sway)")
+    p.add_argument("--no-watermark", action="store_true", help="leave out the invisible provenance watermark (not recommended: "
+                   "the video can then not be recognised as generated; a warning is logged)")
     _runtime_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("verify", help="was this video generated by avatar-engine? decodes the watermark, reads the C2PA manifest and tags")
+    p.add_argument("file", help="a video (mp4, webm, mov, mkv, ...)")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("eval", help="held-out self-reconstruction report (JSON, Markdown, PNG strips)")
     p.add_argument("--clips", help="folder of raw clips (e.g. ../shared/data/clips): the held-out ones are prepared into OUT/prepared")
@@ -336,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="the server's inference threads")
     p.add_argument("--steps", type=int, help="denoising steps the clients ask for (default: the bundle's)")
     p.set_defaults(func=_cmd_bench_server)
+    p = bsub.add_parser("gpu", help="the per-frame path on one GPU, torch only (a bare CUDA machine): ms per frame at batch 1-32 "
+                                    "in fp32 / bf16 / compiled, memory per session, sessions at 25 fps (scripts/gpu_check.sh)")
+    from benchmarks.gpu import add_arguments as _bench_gpu_arguments, run_args as _cmd_bench_gpu  # numpy only; torch when run
+
+    _bench_gpu_arguments(p)
+    p.set_defaults(func=_cmd_bench_gpu)
 
     p = sub.add_parser("distill", help="progressive distillation of a bundle's denoiser to fewer steps; writes a new bundle")
     p.add_argument("--bundle", help="teacher bundle (default: the shipped bundle)")
@@ -360,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "'' keeps them in memory only)")
     p.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a session whose peer answers no connectivity check this long (default 10; a closed page DELETEs at once)")
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="a STUN or TURN server for the server's peer and the page (stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp], "
+                        "turns:HOST[:PORT]); repeatable (default: $AVATAR_ICE_SERVERS, else none: host candidates only, for loopback and LANs)")
+    p.add_argument("--ice-username", help="the TURN servers' user name (the page receives it: prefer short-lived credentials)")
+    p.add_argument("--ice-credential", help="the TURN servers' password")
+    p.add_argument("--pending-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close a session whose peer has not connected its media this long after the answer: an offer that never "
+                        "connects holds a session slot this long at most (default 5)")
     _runtime_args(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -371,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="stream this long after connecting (default: 1 s of silence + the audio + 2 s)")
     p.add_argument("--token", help="bearer token (default: $AVATAR_TOKEN)")
     p.add_argument("--steps", type=int, help="ask the server for this many denoising steps")
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="a STUN or TURN server (stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp], turns:HOST[:PORT]); "
+                        "repeatable (default: $AVATAR_ICE_SERVERS, a JSON list of {urls, username, credential}, else none: host candidates only)")
+    p.add_argument("--ice-username", help="the TURN servers' user name")
+    p.add_argument("--ice-credential", help="the TURN servers' password")
+    p.add_argument("--ice-relay-only", action="store_true", help="only TURN relay candidates (test the relay path)")
     p.set_defaults(func=_cmd_client)
 
     p = sub.add_parser("train", help="train one model from prepared shards (resumes from OUT/checkpoint.pt)")
@@ -384,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    started_s = time.time()
     try:
+        check_args(a)  # arguments and files, before any model loads
         if getattr(a, "precision", None) is None:
             return a.func(a)
         from engine.runtime import default_precision
@@ -394,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AvatarInputError, FileNotFoundError, ValueError) as e:
         print(f"avatar {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was done, no traceback
+        print(interrupted(a, started_s), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

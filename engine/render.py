@@ -15,6 +15,9 @@ from engine.errors import AvatarInputError
 from engine.pipeline.pipeline import Pipeline, PipelineConfig
 from engine.pipeline.sources import FileSource
 from engine.media.mp4 import Mp4Writer
+from engine.provenance import metadata as provenance
+from engine.provenance.payload import manifest_hash
+from engine.provenance.stamp import bundle_payload, derived_session_id
 from engine.runtime import load_runtime
 
 MUX_RATE_HZ = 48000  # the audio track of the mp4 (features use 16 kHz)
@@ -22,10 +25,13 @@ MUX_RATE_HZ = 48000  # the audio track of the mp4 (features use 16 kHz)
 
 def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: Bundle | str | Path | None = None,
            steps: int | None = None, seed: int = 0, blinks: bool = True, threads: int | None = None, progress: bool = True,
-           backend: str = "auto", head_motion: bool = True) -> dict:
+           backend: str = "auto", head_motion: bool = True, watermark: bool = True, c2pa: bool = True) -> dict:
     """Render ``out`` and return timings: frames, seconds of audio, wall time per stage.
 
     ``backend``: auto | torch | onnxruntime | tensorrt (``engine.runtime.load_runtime``).
+    ``watermark``: the invisible provenance watermark on every frame (engine/provenance; off: a warning,
+    and the file's metadata says so). ``c2pa``: sign a C2PA manifest into the file (the container tags
+    are written either way).
     """
     out = Path(out)
     if out.is_dir():
@@ -44,16 +50,24 @@ def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: 
     t_prep = time.perf_counter()
     h, w = image.shape[:2]
     partial = out.with_name(out.name + ".partial.mp4")  # a failed render leaves no half-written `out`
-    config = PipelineConfig(realtime=False, steps=steps, seed=seed, blinks=blinks, head_motion=head_motion)
+    file_id = derived_session_id(av_.image, seed)  # the watermark's 8-bit id: the pipeline derives the same one
+    config = PipelineConfig(realtime=False, steps=steps, seed=seed, blinks=blinks, head_motion=head_motion, watermark=watermark, watermark_id=file_id)
+    bundle_sha = manifest_hash(b.manifest)
+    mark = bundle_payload(b.manifest, file_id) if watermark else None
+    record = provenance.provenance_record(bundle_manifest_sha256=bundle_sha, watermark=None if mark is None else {
+        "embedded": True, "version": mark.version, "bundle": mark.bundle_hex, "id": mark.session})
     try:
-        with Mp4Writer(partial, fps=b.fps, width=w, height=h, audio=mux, audio_rate_hz=MUX_RATE_HZ) as wr:
+        with Mp4Writer(partial, fps=b.fps, width=w, height=h, audio=mux, audio_rate_hz=MUX_RATE_HZ,
+                       metadata=provenance.container_tags(record)) as wr:
             kinds = asyncio.run(_run_pipeline(rt, av_, config, audio, wr, n_frames, progress))
+        signed = provenance.sign_c2pa(partial, record, title=out.name) if c2pa else "not signed: --no-c2pa"
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
     t_end = time.perf_counter()
     return {"out": str(out), "backend": rt.backend, "frames": n_frames, "fps": b.fps, "audio_s": round(duration_s, 3),
             "steps": int(steps or b.steps), "frame_kinds": kinds, "size": [w, h], "notes": av_.notes,
+            "provenance": {"watermark": record["watermark"], "bundle": record["bundle"], "c2pa": signed},
             "seconds": {"load_and_portrait": round(t_prep - t0, 2), "frames": round(t_end - t_prep, 2), "total": round(t_end - t0, 2)},
             "frames_per_s": round(n_frames / max(t_end - t_prep, 1e-9), 2)}
 

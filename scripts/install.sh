@@ -4,6 +4,10 @@
 #   scripts/install.sh --dev    the engine and the test tools, and, as root on Debian/Ubuntu (apt-get),
 #                               the system packages the tests need when they are missing
 #   scripts/install.sh --list-system-packages   print those Debian packages, one a line, and exit
+#   scripts/install.sh [--dev] --adapters       also pipecat-ai and livekit-agents (clients/pipecat, clients/livekit and
+#                               their tests), as a second pip step: they need protobuf>=5, which mediapipe 0.10.21's
+#                               metadata forbids (pip warns; the face tracker gives the same landmarks with it), so pip
+#                               cannot resolve them with the engine; a later run without --adapters takes protobuf back to 4
 # GPU machines: see README ("Installing on a GPU machine").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +33,12 @@ fi
 # torch==2.13.0 is named explicitly so that pip takes the CPU build (a bare `torch` would
 # fetch a multi-GB CUDA build).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[${extras}]"
+case " $* " in
+  *" --adapters "*)  # ~450 MB, ~35 s (pipecat-ai's numba/llvmlite are most of it)
+    echo "installing the voice-agent frameworks (pipecat-ai, livekit-agents); pip warns that mediapipe wants protobuf<5"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "pipecat-ai>=1.14,<2" "livekit-agents>=1.8,<2"
+    ;;
+esac
 installed() {  # a Debian package (or Ubuntu 24.04's t64 rename of it) is installed
   { dpkg-query -W -f='${Status}' "$1" "$1t64" 2>/dev/null || true; } | grep -q "install ok installed"
 }

@@ -478,6 +478,13 @@ async def _upload_avatar(request: web.Request) -> web.Response:
     return web.json_response(entry.describe(), status=201 if created else 200)
 
 
+async def _ice_servers(request: web.Request) -> web.Response:
+    """The STUN / TURN servers the page should use (``avatar serve --ice-server``); behind the token,
+    since TURN credentials are in it (prefer short-lived ones)."""
+    servers = request.app[STATE].config.session.ice_servers
+    return web.json_response({"iceServers": [s.to_json() for s in servers]}, headers={"Cache-Control": "no-store"})
+
+
 async def _healthz(request: web.Request) -> web.Response:
     st = request.app[STATE]
     return web.json_response({"ok": True, "sessions": len(st.sessions), "capacity": st.config.max_sessions,
@@ -571,6 +578,7 @@ def create_app(runtime: Any, config: ServerConfig = ServerConfig(), *, avatars: 
     r.add_get("/avatars", _list_avatars)
     r.add_post("/avatars", _upload_avatar)
     r.add_get("/healthz", _healthz)
+    r.add_get("/ice-servers", _ice_servers)
     r.add_get("/metrics", _metrics)
     r.add_get("/", _index)
     r.add_get("/{name}", _web_file)

@@ -13,13 +13,27 @@ it binds a loopback address, the Python client when it talks to a loopback serve
 no DTLS close, no DELETE) keeps its session: aioice checks consent (RFC 7675) every 5 s and
 gives up after 6 failures, about 30 s during which the session holds a slot of the server's
 capacity. Also process-wide (aioice's module constants, read at each check).
+
+``IceServer`` is one STUN or TURN server for a deployment behind a NAT, on a cloud VM or in a
+container (``--ice-server URL``, repeatable; ``--ice-username`` / ``--ice-credential`` for TURN;
+or ``$AVATAR_ICE_SERVERS``): ``rtc_configuration`` makes aiortc's ``RTCConfiguration`` of them,
+``IceServer.to_json`` the browser's ``RTCIceServer`` dictionary. aiortc uses the first STUN and
+the first TURN server it is given (``turn:`` over udp or tcp, ``turns:`` over tcp); a browser
+uses them all. With none, only host candidates are gathered (no server is contacted).
 """
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Sequence
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import aioice.ice
+from aiortc import RTCConfiguration, RTCIceServer
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
+from aiortc.rtcicetransport import parse_stun_turn_uri
 
 _original: Callable[..., list[str]] | None = None  # aioice's own function, once wrapped
 _pinned: list[str] | None = None  # None: aioice's default gathering
@@ -62,3 +76,92 @@ def set_consent_timeout(timeout_s: float, interval_s: float = 2.0) -> None:
         raise ValueError(f"need timeout_s >= interval_s > 0, got {timeout_s} and {interval_s}")
     aioice.ice.CONSENT_INTERVAL = interval_s
     aioice.ice.CONSENT_FAILURES = max(3, round(timeout_s / (interval_s + CONSENT_CHECK_TIMEOUT_S)))
+
+
+ICE_SERVERS_ENV = "AVATAR_ICE_SERVERS"  # a JSON list of the browser's RTCIceServer dicts, or a file holding one
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One STUN or TURN server, as an ``RTCPeerConnection`` takes it (browser or aiortc)."""
+
+    urls: tuple[str, ...]  # "stun:host[:port]", "turn:host[:port][?transport=udp|tcp]", "turns:host[:port]"
+    username: str | None = None  # TURN: the long-term credential's user name
+    credential: str | None = None  # TURN: its password
+
+    def __post_init__(self) -> None:
+        if isinstance(self.urls, str) or not self.urls:
+            raise ValueError(f"IceServer.urls must be a non-empty tuple of URLs, got {self.urls!r}")
+        for url in self.urls:
+            try:
+                parsed = parse_stun_turn_uri(url)
+            except ValueError as e:
+                raise ValueError(f"bad ICE server URL {url!r} ({e}): use stun:HOST[:PORT], "
+                                 "turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]") from None
+            if parsed["scheme"] in ("turn", "turns") and not (self.username and self.credential):
+                raise ValueError(f"the TURN server {url!r} needs a username and a credential "
+                                 "(--ice-username and --ice-credential)")
+
+    def to_json(self) -> dict[str, Any]:
+        """The browser's ``RTCIceServer`` dictionary (what the page gives ``new RTCPeerConnection``)."""
+        d: dict[str, Any] = {"urls": list(self.urls)}
+        if self.username is not None:
+            d["username"] = self.username
+        if self.credential is not None:
+            d["credential"] = self.credential
+        return d
+
+    def to_rtc(self) -> RTCIceServer:
+        """aiortc's ``RTCIceServer``."""
+        return RTCIceServer(urls=list(self.urls), username=self.username, credential=self.credential)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "IceServer":
+        """From the browser's dictionary: ``{"urls": str | [str], "username"?, "credential"?}``."""
+        if not isinstance(d, Mapping) or "urls" not in d:
+            raise ValueError(f"an ICE server is a JSON object with \"urls\", got {d!r}")
+        urls = d["urls"]
+        urls = (urls,) if isinstance(urls, str) else tuple(str(u) for u in urls)
+        return cls(urls, d.get("username"), d.get("credential"))
+
+
+def parse_ice_servers(urls: Sequence[str], *, username: str | None = None, credential: str | None = None) -> list[IceServer]:
+    """``--ice-server URL`` given one or more times: one server per URL; ``username`` and
+    ``credential`` go with the TURN URLs (STUN takes none)."""
+    out = []
+    for url in urls:
+        turn = url.startswith("turn")
+        out.append(IceServer((url,), username if turn else None, credential if turn else None))
+    return out
+
+
+def ice_servers_from_json(text: str) -> list[IceServer]:
+    """A JSON list of the browser's ``RTCIceServer`` dictionaries (also ``{"iceServers": [...]}``)."""
+    data = json.loads(text)
+    if isinstance(data, Mapping):
+        data = data.get("iceServers", [])
+    if not isinstance(data, list):
+        raise ValueError("ICE servers JSON must be a list of {\"urls\", \"username\", \"credential\"} objects")
+    return [IceServer.from_json(d) for d in data]
+
+
+def ice_servers_from_env(environ: Mapping[str, str] = os.environ) -> list[IceServer]:
+    """``$AVATAR_ICE_SERVERS``: the JSON list itself, or the path of a file holding it; unset or empty: none."""
+    value = environ.get(ICE_SERVERS_ENV, "").strip()
+    if not value:
+        return []
+    text = value if value.startswith(("[", "{")) else Path(value).read_text()
+    try:
+        return ice_servers_from_json(text)
+    except ValueError as e:
+        raise ValueError(f"${ICE_SERVERS_ENV}: {e}") from None
+
+
+def rtc_configuration(servers: Sequence[IceServer] = (), *, relay_only: bool = False) -> RTCConfiguration:
+    """aiortc's configuration with these servers (none: host candidates only, nothing contacted);
+    ``relay_only``: only TURN relay candidates (a peer that must not reveal its addresses, or a test
+    of the relay path)."""
+    if relay_only and not any(u.startswith("turn") for s in servers for u in s.urls):
+        raise ValueError("relay-only ICE needs a TURN server (--ice-server turn:...)")
+    policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
+    return RTCConfiguration(iceServers=[s.to_rtc() for s in servers], iceTransportPolicy=policy)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, sdp as aiortc_sdp
+from aiortc import RTCPeerConnection, RTCSessionDescription, sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamTrack
 
 from engine.aio import cancel_and_wait, wait_bounded, wait_event
@@ -27,6 +27,7 @@ from engine.avatar import Avatar
 from engine.errors import AvatarInputError
 from engine.pipeline.pipeline import Pipeline, PipelineConfig, PipelineError
 from engine.pipeline.sources import AudioSource, PushSource, TrackSource
+from server.ice import rtc_configuration
 from server.jitter import set_audio_prefetch
 from server.tracks import AvatarAudioTrack, AvatarVideoTrack, FramePacer
 
@@ -45,6 +46,7 @@ class SessionConfig:
     connect_timeout_s: float = 5.0
     push_buffer_s: float = 10.0  # pushed audio queued ahead of the pipeline at most (pushes wait beyond)
     audio_jitter_packets: int = 1  # packets of the peer's audio held before decoding (aiortc's default 4 = 80 ms; server/jitter.py)
+    ice_servers: tuple = ()  # STUN / TURN servers (server/ice.py IceServer) for the server's peer and the page; none: host candidates only
 
 
 def offer_media(sdp_text: str) -> dict[str, str]:
@@ -80,7 +82,8 @@ class Session:
         self.config = config
         self.created_s = time.time()
         self.on_closed = on_closed
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only: no STUN server contacted
+        # no ICE servers: host candidates only, nothing contacted; with --ice-server: STUN / TURN as configured
+        self.pc = RTCPeerConnection(rtc_configuration(config.ice_servers))
         self.pipeline = Pipeline(runtime, avatar, PipelineConfig(realtime=True, steps=config.steps))
         self.pacer = FramePacer(runtime.bundle.fps, metrics=self.pipeline.metrics)
         self.video = AvatarVideoTrack(self.pacer)

@@ -15,3 +15,10 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "clips").is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (CI has it beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _c2pa_key_in_tmp(tmp_path_factory, monkeypatch):
+    """Renders sign their C2PA manifest with a locally created key: in tests it lives in a temporary
+    folder, never in the user's ~/.config."""
+    monkeypatch.setenv("AVATAR_C2PA_DIR", str(tmp_path_factory.getbasetemp() / "c2pa"))

@@ -111,9 +111,9 @@ def test_silence_gives_idle_frames_that_are_the_portrait(rig, tmp_path: Path):
         w.setsampwidth(2)
         w.setframerate(16000)
         w.writeframes(np.zeros(16000, np.int16).tobytes())
-    frames, p = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False, head_motion=False))
+    frames, p = _run(rt, av, FileSource(path, realtime=False), PipelineConfig(realtime=False, blinks=False, head_motion=False, watermark=False))
     assert len(frames) == FPS and all(f.kind == "idle" and f.steps == 0 for f in frames)
-    assert all(np.array_equal(f.image, av.image) for f in frames)
+    assert all(np.array_equal(f.image, av.image) for f in frames)  # (with the watermark on: the marked portrait, tests/test_watermark.py)
     assert p.metrics.counter("idle_frames").value == FPS
     assert p.metrics.stage("denoise").count == 0 and p.metrics.stage("compose").count == 0  # no model ran for them
 

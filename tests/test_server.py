@@ -637,3 +637,28 @@ def test_a_close_whose_caller_is_cancelled_still_ends_the_session(rig):
             await peer.close()
 
     aio.run(run(), 60)
+
+
+def test_ice_servers_reach_the_page_behind_the_token(rig):
+    """`avatar serve --ice-server`: the page reads the STUN / TURN servers from GET /ice-servers (behind
+    the token: TURN credentials are in it); none configured: an empty list (host candidates only)."""
+    from server.ice import IceServer
+    from server.session import SessionConfig
+
+    turn = IceServer(("turn:127.0.0.1:3478?transport=udp",), "u", "p")
+    stun = IceServer(("stun:127.0.0.1:3478",))
+
+    async def run():
+        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+            async with serving(rig, token="t0k", session=SessionConfig(ice_servers=(stun, turn))) as (base, _):
+                r = await http.get(f"{base}/ice-servers")
+                assert r.status == 401
+                r = await http.get(f"{base}/ice-servers", headers={"Authorization": "Bearer t0k"})
+                assert r.status == 200 and r.headers["Cache-Control"] == "no-store"
+                assert (await r.json())["iceServers"] == [{"urls": ["stun:127.0.0.1:3478"]},
+                                                          {"urls": ["turn:127.0.0.1:3478?transport=udp"], "username": "u", "credential": "p"}]
+            async with serving(rig) as (base, _):
+                r = await http.get(f"{base}/ice-servers")
+                assert r.status == 200 and (await r.json()) == {"iceServers": []}
+
+    aio.run(run(), timeout_s=60)

@@ -33,19 +33,19 @@ from __future__ import annotations
 import asyncio
 import fractions
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from clients.python.record import Mp4Recorder
 from engine.aio import wait_event
 from engine.audio.decode import decode_audio
-from server.ice import is_loopback_host, pin_host_addresses
+from server.ice import IceServer, is_loopback_host, pin_host_addresses, rtc_configuration
 from server.jitter import audio_prefetch, set_audio_prefetch
 
 RATE_HZ = 48000  # what the client sends and receives
@@ -136,8 +136,10 @@ def estimate_delay(sent: np.ndarray, sent_t0: float, received: list[tuple[int, f
 
 async def run_client(server: str, audio: str | Path, *, avatar: str | None = None, record: str | Path | None = None,
                      seconds: float | None = None, token: str | None = None, steps: int | None = None,
-                     lead_in_s: float = 1.0, connect_timeout_s: float = 20.0, audio_jitter_packets: int = 1) -> dict:
+                     lead_in_s: float = 1.0, connect_timeout_s: float = 20.0, audio_jitter_packets: int = 1,
+                     ice_servers: Sequence[IceServer] = (), relay_only: bool = False) -> dict:
     """Stream ``audio`` to the server, receive the avatar, measure; returns the report (see the module doc).
+    ``ice_servers``: STUN / TURN servers (none: host candidates only); ``relay_only``: TURN relay candidates only.
     ``audio_jitter_packets``: audio packets this receiver holds before decoding (aiortc's default is 4, 80 ms;
     1 is what a browser's adaptive buffer settles to on loopback; ``server/jitter.py``)."""
     loop = asyncio.get_running_loop()
@@ -150,7 +152,7 @@ async def run_client(server: str, audio: str | Path, *, avatar: str | None = Non
         pin_host_addresses(["127.0.0.1"])  # see server/ice.py
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc = RTCPeerConnection(rtc_configuration(ice_servers, relay_only=relay_only))
     mic = PacedAudioTrack(signal)
     pc.addTransceiver("video", direction="recvonly")
     audio_tr = pc.addTransceiver(mic, direction="sendrecv")

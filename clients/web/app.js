@@ -199,7 +199,9 @@ async function start() {
   try {
     setStatus("starting…");
     if (kind === "file" && !$("audiofile").files[0]) throw new Error("choose an audio file first (beside 'input')");
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    // the server's STUN / TURN servers (avatar serve --ice-server); none: host candidates only
+    const iceServers = await api("ice-servers").then((j) => j.iceServers || []).catch(() => []);
+    const pc = new RTCPeerConnection({ iceServers });
     s.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
     const audio = pc.addTransceiver("audio", { direction: kind === "none" ? "recvonly" : "sendrecv" });

@@ -16,13 +16,17 @@ class Mp4Writer:
     sides. The audio is cut or padded with silence to the video's duration on close.
     """
 
-    def __init__(self, path: str | Path, *, fps: int, width: int, height: int, audio: np.ndarray | None, audio_rate_hz: int = 48000, crf: int = 18):
+    def __init__(self, path: str | Path, *, fps: int, width: int, height: int, audio: np.ndarray | None, audio_rate_hz: int = 48000, crf: int = 18,
+                 metadata: dict[str, str] | None = None):
+        """``metadata``: container tags (e.g. engine.provenance.metadata.container_tags: comment, description)."""
         if width % 2 or height % 2:
             raise ValueError(f"frame size must be even for H.264 yuv420p, got {width}x{height}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fps = fps
         self.c = av.open(str(self.path), "w")
+        for k, v in (metadata or {}).items():
+            self.c.metadata[k] = v
         self.vs = self.c.add_stream("libx264", rate=Fraction(fps), options={"preset": "veryfast", "crf": str(crf)})
         self.vs.width, self.vs.height, self.vs.pix_fmt = width, height, "yuv420p"
         self.audio = None if audio is None else np.asarray(audio, np.float32)

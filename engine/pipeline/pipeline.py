@@ -30,6 +30,14 @@ Real-time mode (``realtime=True``, live sources):
 - *Barge-in*: ``clear_buffer()`` drops the queued audio (the source's too) and frames not yet
   taken; the next frame, within one period, is idle.
 
+Segments. A source's segment (a TTS reply: ``PushSource.end_of_segment()``; a file) ends on the
+output frame that carries its last audio: ``OutputFrame.segment_end == SegmentEnd.FINISHED``
+(an end told after that frame went out marks the next frame). ``clear_buffer()`` that cuts a
+segment (its audio queued, being generated, or its end not yet taken by the consumer) marks the
+next frame ``SegmentEnd.INTERRUPTED`` instead, and that segment never reports finished. So every
+segment ends exactly once on the output, one marker per frame, and a consumer knows when the
+playback of a reply finished or was cut (voice agents: bot stopped speaking, playback finished).
+
 Fast mode (``realtime=False``, offline): no clock, no degradation, every frame at full steps:
 the result depends only on the audio and the seed.
 """
@@ -41,6 +49,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import AsyncIterator
 
 import numpy as np
@@ -77,7 +86,17 @@ class PipelineConfig:
     max_ahead_s: float = 2.0  # input audio read ahead of generation at most this much (push bursts, files)
     seed: int = 0  # the generator's noise and blink seed
     blinks: bool = True
-    head_motion: bool = True  # a small idle sway of the head (engine/motion/sway.py), also while speaking
+    head_motion: bool = True  # head motion replayed from real people (engine/motion/head.py; the bundle's library), calmer in silence
+    articulation_gain: float | None = None  # the A2L's displacement gain (engine/motion/articulation.py); None: the bundle's calibrated one
+    watermark: bool = True  # the invisible provenance watermark on every output frame (engine/provenance); False logs a warning
+    watermark_id: int | None = None  # its 8-bit session / file id (0-255); None: derived from the portrait and the seed
+
+
+class SegmentEnd(str, Enum):
+    """How a source's segment ended on the output (``OutputFrame.segment_end``)."""
+
+    FINISHED = "finished"  # this frame carries the segment's last audio
+    INTERRUPTED = "interrupted"  # clear_buffer() cut the segment; this is the first frame after it
 
 
 @dataclass
@@ -91,6 +110,7 @@ class OutputFrame:
     audio_arrival_s: float | None  # monotonic time the audio at the frame's start arrived (None: idle by the clock)
     emitted_s: float  # monotonic time the frame was handed out
     due_s: float | None = None  # when that audio is due in real time: its arrival, or later for audio pushed ahead of time
+    segment_end: SegmentEnd | None = None  # a segment finished with this frame's audio, or was interrupted just before it
 
     @property
     def latency_ms(self) -> float | None:
@@ -115,7 +135,7 @@ class Pipeline:
         self.frame_samples = SAMPLE_RATE_HZ // self.fps
         self.metrics = metrics or PipelineMetrics()
         self.gen = FrameGenerator(runtime, avatar, steps=config.steps, seed=config.seed, blinks=config.blinks,
-                                  head_motion=config.head_motion)
+                                  head_motion=config.head_motion, articulation_gain=config.articulation_gain)
         self.full_steps = self.gen.steps
         self.steps = self.full_steps  # current steps (degradation lowers it)
         # two stages in two threads, so that frame k is composed while frame k+1 is denoised:
@@ -136,6 +156,11 @@ class Pipeline:
         self._need = probe.need_samples  # samples frame k waits for
         self.lookahead_ms = probe.lookahead_ms  # the audio lookahead: the latency floor before compute
         self._closed = False
+        self._segment_open = False  # audio of a source segment was ingested and its end was not (yet)
+        self._ends_pending = 0  # segment ends ingested whose FINISHED frame the consumer has not taken yet
+        self._late_markers: deque[SegmentEnd] = deque()  # markers for the next frames out (one per frame)
+        self._clears = 0  # clear_buffer() calls: chunks read before the latest one are stale
+        self._min_index = 0  # frames numbered below this were made before the latest clear_buffer()
         self._new_segment()
         self._n_out = 0
         self._last_image = avatar.image
@@ -152,6 +177,7 @@ class Pipeline:
         self._speech: deque[tuple[int, bool]] = deque()  # (first sample of a chunk, VAD speaking)
         self._audio: deque[tuple[int, np.ndarray]] = deque()  # (first sample, pcm) kept until emitted
         self._k = 0  # next timeline frame to generate
+        self._seg_ends: deque[int] = deque()  # timeline sample just after each ended segment's last audio, frame not yet made
         self._ended = False  # the source ended (no more audio, ever)
         self._reset_worker = True  # the worker starts fresh features, A2L state and previous output
         self._real_samples = 0  # samples of the timeline that came from the source (not silence filled in)
@@ -181,6 +207,12 @@ class Pipeline:
                 if self._error is not None:
                     raise PipelineError(f"pipeline stage failed: {type(self._error).__name__}: {self._error}") from self._error
                 return
+            if item.index < self._min_index:  # made before a clear_buffer() (its put was waiting on a full queue)
+                continue
+            if item.segment_end is not None:
+                self.metrics.counter(f"segments_{item.segment_end.value}").inc()
+                if item.segment_end is SegmentEnd.FINISHED:
+                    self._ends_pending = max(0, self._ends_pending - 1)
             item.emitted_s = asyncio.get_running_loop().time()
             if self.first_frame_s is None:
                 self.first_frame_s = item.emitted_s
@@ -192,17 +224,26 @@ class Pipeline:
 
     def clear_buffer(self) -> float:
         """Barge-in: drop queued input (the source's too) and frames not yet taken; the next frame
-        is idle. Returns the seconds of audio dropped."""
+        is idle, marked ``SegmentEnd.INTERRUPTED`` if a segment was cut. Returns the seconds of
+        audio dropped."""
         dropped = 0.0
         clear = getattr(self._source, "clear_buffer", None)
         if callable(clear):
             dropped += clear()
+        cut = dropped > 0 or self._segment_open or self._ends_pending > 0
         while not self._chunks.empty():
             item = self._chunks.get_nowait()
             if item is _END:  # keep the end of the stream
                 self._chunks.put_nowait(_END)
                 break
+            cut = cut or item[0].valid_samples > 0
             dropped += CHUNK_SAMPLES / SAMPLE_RATE_HZ
+        self._clears += 1  # a chunk the reader holds now is stale
+        self._min_index = self._n_out  # so is a frame made before now
+        self._segment_open, self._ends_pending = False, 0  # the source's end of the cut segment is ignored
+        self._late_markers.clear()
+        if cut:
+            self._late_markers.append(SegmentEnd.INTERRUPTED)
         dropped += max(0, self._n_samples - self._k * self.frame_samples) / SAMPLE_RATE_HZ
         ended = self._ended
         self._new_segment()
@@ -257,13 +298,15 @@ class Pipeline:
         """The source, as fast as it gives, into the chunk queue (bounded)."""
         assert self._source is not None
         async for chunk in self._source:
-            await self._chunks.put((chunk, asyncio.get_running_loop().time()))
+            await self._chunks.put((chunk, asyncio.get_running_loop().time(), self._clears))
             self._wake.set()
         await self._chunks.put(_END)
         self._wake.set()
 
     def _ingest(self, chunk: AudioChunk, arrived_s: float) -> None:
-        if chunk.valid_samples == 0:  # an end-of-segment marker only
+        if chunk.valid_samples == 0:  # an end-of-segment marker only: the segment's last audio came before
+            if chunk.end_of_segment:
+                self._end_segment(self._real_samples)
             return
         s = self._n_samples
         if self._seg_t0 is None:
@@ -276,6 +319,21 @@ class Pipeline:
         self._n_samples += CHUNK_SAMPLES
         self._real_samples = self._n_samples
         self._last_input_s = arrived_s
+        self._segment_open = True
+        if chunk.end_of_segment:
+            self._end_segment(s + chunk.valid_samples)
+
+    def _end_segment(self, end: int) -> None:
+        """The open segment's last audio is timeline sample ``end - 1``: the frame holding it gets
+        the FINISHED marker, or the next frame out if that one has gone already."""
+        if not self._segment_open:  # nothing since the last end, or the segment was cut by clear_buffer()
+            return
+        self._segment_open = False
+        self._ends_pending += 1
+        if end > self._k * self.frame_samples:
+            self._seg_ends.append(end)
+        else:
+            self._late_markers.append(SegmentEnd.FINISHED)
 
     def _fill_silence(self, upto: int, now: float) -> None:
         """Complete the timeline with silence up to sample ``upto`` (a tail whose source went quiet)."""
@@ -317,7 +375,7 @@ class Pipeline:
     async def _put_idle(self, loop: asyncio.AbstractEventLoop) -> None:
         """An idle frame (the portrait, blinking) in the in-flight queue, outside the audio timeline."""
         fut = loop.run_in_executor(self._compose_executor, self._compose, "idle", None)
-        await self._inflight.put((fut, (self._epoch, np.zeros(self.frame_samples, np.float32), "idle", 0, None, None, 0, False)))
+        await self._inflight.put((fut, (self._clears, np.zeros(self.frame_samples, np.float32), "idle", 0, None, None, 0, False, None)))
 
     async def _run(self) -> None:
         """Ingest input and schedule frames until the source ends and every frame is out."""
@@ -333,7 +391,8 @@ class Pipeline:
                     source_done = True
                     self._ended = True
                     break
-                self._ingest(*item)
+                if item[2] == self._clears:  # not read before a clear_buffer()
+                    self._ingest(item[0], item[1])
             now = loop.time()
             # 2. a frame of the timeline is ready: generate it
             if self._ready(self._k):
@@ -341,6 +400,8 @@ class Pipeline:
                 next_idle = loop.time() + period
                 continue
             if source_done and self._ended and not self._ready(self._k):
+                for _ in range(len(self._late_markers)):  # a marker whose frame went out already still gets one
+                    await self._put_idle(loop)
                 await self._inflight.put(_END)
                 return
             if self.config.realtime:
@@ -390,8 +451,12 @@ class Pipeline:
             self._speech.popleft()
         while self._arrivals and self._arrivals[0][0] + CHUNK_SAMPLES <= hi:
             self._arrivals.popleft()
+        end = None  # one segment end per frame: a second one in the same frame goes on the next
+        if self._seg_ends and self._seg_ends[0] <= hi:
+            self._seg_ends.popleft()
+            end = SegmentEnd.FINISHED
         fut = loop.run_in_executor(self._compose_executor, self._compose, kind, payload)
-        await self._inflight.put((fut, (epoch, audio, kind, steps if kind == "speech" else 0, arrival, due, backlog, degrade)))
+        await self._inflight.put((fut, (self._clears, audio, kind, steps if kind == "speech" else 0, arrival, due, backlog, degrade, end)))
 
     def _compose(self, kind: str, payload) -> np.ndarray | None:
         """Stage B: the frame's image (None for a dropped frame: the emitter repeats the last image)."""
@@ -413,9 +478,9 @@ class Pipeline:
             if item is _END:
                 await self._out.put(_END)
                 return
-            fut, (epoch, audio, kind, steps, arrival, due, backlog, degrade) = item
+            fut, (clears, audio, kind, steps, arrival, due, backlog, degrade, end) = item
             image = await fut
-            if epoch != self._epoch:  # a barge-in came while it was made
+            if clears != self._clears:  # a barge-in came while it was made (not a new utterance: its frames are due)
                 continue
             if image is None:
                 image = self._last_image
@@ -426,7 +491,7 @@ class Pipeline:
                 self.metrics.counter("idle_frames").inc()
             elif steps < self.full_steps:
                 self.metrics.counter("frames_degraded").inc()
-            await self._emit(image, audio, kind, steps, arrival, due)
+            await self._emit(image, audio, kind, steps, arrival, due, end)
             if degrade and kind != "dropped":
                 self._adapt(due, backlog, kind)
 
@@ -464,8 +529,17 @@ class Pipeline:
         return "speech", latent
 
     async def _emit(self, image: np.ndarray, audio: np.ndarray, kind: str, steps: int, arrival: float | None,
-                    due: float | None = None) -> None:
-        fr = OutputFrame(self._n_out, self._n_out / self.fps, image, audio, kind, steps, arrival, 0.0, due)
+                    due: float | None = None, end: SegmentEnd | None = None) -> None:
+        from engine.provenance.stamp import stamp  # the provenance watermark, on every path's frames (issue 17)
+
+        clears = self._clears
+        image = await asyncio.get_running_loop().run_in_executor(None, stamp, self, image)  # ~1 ms at 512 px, off the loop
+        if clears != self._clears:  # a barge-in came while it was marked
+            return
+        if end is not None:  # markers go out in order, one per frame
+            self._late_markers.append(end)
+        marker = self._late_markers.popleft() if self._late_markers else None
+        fr = OutputFrame(self._n_out, self._n_out / self.fps, image, audio, kind, steps, arrival, 0.0, due, marker)
         self._n_out += 1
         self.metrics.gauge("out_queue_depth").set(self._out.qsize())
         await self._out.put(fr)
