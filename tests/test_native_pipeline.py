@@ -24,7 +24,7 @@ def test_demo_through_the_pipeline_moves_the_mouth_and_keeps_the_rest():
 
     async def main():
         out = []
-        async with Pipeline(rt, av, PipelineConfig(realtime=False, blinks=False, head_motion=False)) as p:
+        async with Pipeline(rt, av, PipelineConfig(realtime=False, blinks=False, head_motion=False, watermark=False)) as p:
             p.start(FileSource(DEMO / "demo_voice.wav", realtime=False))
             async for f in p.frames():
                 out.append(f)
