@@ -51,11 +51,16 @@ class FrameGenerator:
     resolution and takes only the mouth interior from the generator (engine/face/pixel_warp.py,
     engine/compositor.py); ``"patch"`` pastes the whole decoded lower-face patch (the first
     bundle's way, kept for comparison); default: the bundle manifest's ``compositor``, else native.
+    ``pixel_reference`` (native only): the denoiser's reference, the portrait moved by the pixel flow
+    so that the generated mouth opens where the interior mask is: ``"latent"`` (default) applies
+    the flow to the portrait's latent, ``"encode"`` warps the pixels and runs the encoder (an
+    encoder call per frame), ``"none"`` uses the bundle's latent warp graph (whose Gaussian flow
+    hardly opens a closed mouth: the generated interior then shows lip and chin).
     """
 
     def __init__(self, runtime: Runtime, avatar: Avatar, *, steps: int | None = None, seed: int = 0, blinks: bool = True,
                  head_motion: bool = False, compositor: str | None = None, pixel_warp: PixelWarpConfig = PixelWarpConfig(),
-                 interior: InteriorConfig = InteriorConfig(), articulation_gain: float | None = None, pixel_reference: bool = True):
+                 interior: InteriorConfig = InteriorConfig(), articulation_gain: float | None = None, pixel_reference: str = "latent"):
         bundle = runtime.bundle
         self.runtime, self.bundle, self.avatar = runtime, bundle, avatar
         c = bundle.configs
@@ -79,6 +84,8 @@ class FrameGenerator:
         compositor = compositor or bundle.manifest.get("compositor", "native")
         if compositor not in COMPOSITORS:
             raise ValueError(f"compositor must be one of {COMPOSITORS}, got {compositor!r}")
+        if pixel_reference not in ("latent", "encode", "none"):
+            raise ValueError(f"pixel_reference must be latent, encode or none, got {pixel_reference!r}")
         self.compositor, self.interior, self.pixel_reference = compositor, interior, pixel_reference
         self.pixel_warp = PortraitWarp(avatar.image, avatar.affine, avatar.landmarks, avatar.crop_size_px, self.warp_idx, pixel_warp,
                                        moving=self.moving) \
@@ -147,12 +154,15 @@ class FrameGenerator:
         px_mask = np.maximum(self.avatar_mask, patch_mask(from_patch_units(lm_all[0].numpy()) * s, s))  # (P, P)
         with torch.no_grad():
             m_lat = latent_mask(torch.from_numpy(pool_mask(px_mask, self.ae_cfg.downsample))[None, None], self.den_cfg.mask_dilate_cells)
-        if self.pixel_warp is not None and self.pixel_reference:
+        if self.pixel_warp is not None and self.pixel_reference == "encode":
             # the denoiser's reference: the portrait warped by the pixel flow (the mouth opened as far as the
             # frame's landmarks say) and encoded, so that what it paints lines up with the interior mask
             mx, my = self.pixel_warp.crop_maps(from_patch_units(lm_all[0].numpy()), s)
             warped_crop = cv2.remap(av.crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
             reference = encode_patch(self.runtime, extract_patch(warped_crop)).numpy()
+        elif self.pixel_warp is not None and self.pixel_reference == "latent":
+            # the same: the pixel flow applied to the portrait's latent at its own resolution (no encoder run)
+            reference = self._latent_reference(from_patch_units(lm_all[0].numpy()))
         else:
             reference = self.g_warp.infer({"x": av.latent.numpy(), "src": self.ref_all[:, self.warp_idx].numpy(),
                                            "dst": lm_all[:, self.warp_idx].numpy()})["warped"]
@@ -167,6 +177,23 @@ class FrameGenerator:
         x0 = m_lat * x0 + (1 - m_lat) * av.latent  # repaint only the mask: the rest is the portrait's own latent
         self.previous = x0
         return x0, px_mask, from_patch_units(lm_all[0].numpy())
+
+    def _latent_reference(self, lm_crop: np.ndarray) -> np.ndarray:
+        """The portrait's latent (1, C, s, s) moved by the pixel flow: the crop-space maps sampled at each
+        latent cell's centre, turned into latent coordinates, one ``cv2.remap`` of the channels."""
+        s = self.avatar.crop_size_px
+        lat = self.avatar.latent[0].numpy().transpose(1, 2, 0)  # (s_l, s_l, C)
+        n = lat.shape[0]
+        x0p, y0p, side = patch_box(s)
+        f = side / n  # crop pixels per latent cell
+        mx, my = self.pixel_warp.crop_maps(lm_crop, s)
+        centres = (np.arange(n) * f + f / 2 - 0.5).astype(np.float32)
+        cx, cy = np.meshgrid(x0p + centres, y0p + centres)
+        sx = cv2.remap(mx, cx, cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        sy = cv2.remap(my, cx, cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        lx, ly = (sx - x0p + 0.5) / f - 0.5, (sy - y0p + 0.5) / f - 0.5  # source positions in latent cells
+        out = cv2.remap(np.ascontiguousarray(lat), lx, ly, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return np.ascontiguousarray(out.transpose(2, 0, 1)[None], dtype=np.float32)
 
     def compose(self, x0: torch.Tensor, px_mask: np.ndarray, lm_crop: np.ndarray) -> np.ndarray:
         """The second half of ``frame``: decode, colour-match, paste into the portrait (the native
