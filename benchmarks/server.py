@@ -13,7 +13,10 @@ wall time with at most 2 % of the timestamps skipped.
 Caveat, written into the JSON: the clients run on the same two cores as the server (decoding
 the video and encoding the microphone cost CPU a remote browser would spend elsewhere), so the
 capacity here is a lower bound for the server alone; ``cpu_cores_used`` shows the split.
-Writes JSON and a PNG beside it.
+After each run the server's ``GET /metrics`` (prometheus_client) is read into ``server_metrics``:
+the pipeline and send latencies over all its sessions (p50 / p95 estimated from the histograms'
+buckets, as Prometheus's ``histogram_quantile`` does), frame counters, and the process's resident
+memory, CPU time and open fds. Writes JSON and a PNG beside it.
 """
 from __future__ import annotations
 
@@ -84,6 +87,60 @@ async def _clients(url: str, n: int, audio: Path, steps: int | None) -> list[dic
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The q-quantile of a Prometheus histogram from its cumulative (upper bound, count) buckets, +Inf
+    last, interpolated linearly inside the bucket as Prometheus's ``histogram_quantile`` does (the
+    +Inf bucket answers its lower bound); None without observations."""
+    buckets = sorted(buckets)
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    rank = q * total
+    lo_bound, lo_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lo_bound
+            return lo_bound + (bound - lo_bound) * ((rank - lo_count) / (count - lo_count) if count > lo_count else 1.0)
+        lo_bound, lo_count = bound, count
+    return lo_bound
+
+
+def read_metrics(url: str, *, timeout_s: float = 10.0) -> dict:
+    """The server's ``GET /metrics`` summarised: latencies (ms, over every session it served), frame counters,
+    process memory / CPU / fds. Names as in engine/pipeline/metrics.py."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"{url}/metrics", timeout=timeout_s) as r:
+        text = r.read().decode()
+    samples: dict[str, list[tuple[dict, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sm in family.samples:
+            samples.setdefault(sm.name, []).append((sm.labels, sm.value))
+
+    def one(name: str) -> float | None:
+        vals = samples.get(name)
+        return vals[0][1] if vals else None
+
+    def latency(name: str) -> dict:
+        buckets = [(float(lab["le"]), v) for lab, v in samples.get(f"{name}_bucket", [])]
+        count, total = one(f"{name}_count"), one(f"{name}_sum")
+        ms = lambda s: None if s is None else round(1000.0 * s, 1)  # noqa: E731
+        return {"count": count, "mean_ms": ms(total / count) if count else None,
+                "p50_ms": ms(histogram_quantile(0.5, buckets)), "p95_ms": ms(histogram_quantile(0.95, buckets))}
+
+    rss = one("process_resident_memory_bytes")
+    return {
+        "pipeline_latency": latency("avatar_pipeline_latency_seconds"), "send_latency": latency("avatar_send_latency_seconds"),
+        **{name: one(f"avatar_{name}_total") for name in ("sessions_started", "frames_out", "frames_dropped", "frames_degraded",
+                                                          "stream_speech_dropped", "stream_slots_skipped")},
+        "process_resident_memory_mib": None if rss is None else round(rss / 2**20, 1),
+        "process_cpu_s": one("process_cpu_seconds_total"), "process_open_fds": one("process_open_fds"),
+    }
+
+
 def _session_row(r: dict) -> dict:
     if "error" in r:
         return {"error": r["error"], "holds_25fps": False}
@@ -123,6 +180,7 @@ def bench_server(out: str | Path, *, sessions: tuple[int, ...] = (1, 2, 3), audi
             reports = asyncio.run(_clients(url, n, audio, steps))
             wall = time.monotonic() - t0
             cpu_srv, cpu_me = _cpu_s(proc.pid) - cpu0_srv, _cpu_s(os.getpid()) - cpu0_me
+            server_metrics = read_metrics(url)
         finally:
             stop_server(proc)
         rows = [_session_row(r) for r in reports]
@@ -139,7 +197,7 @@ def bench_server(out: str | Path, *, sessions: tuple[int, ...] = (1, 2, 3), audi
             "server_pipeline_latency_p50_ms_mean": mean("server_pipeline_latency_p50_ms"),
             "frames_degraded_fraction_mean": mean("frames_degraded_fraction"),
             "cpu_cores_used": {"server": round(cpu_srv / wall, 2), "clients": round(cpu_me / wall, 2)},
-            "wall_s": round(wall, 1), "per_session": rows,
+            "wall_s": round(wall, 1), "server_metrics": server_metrics, "per_session": rows,
         })
         print(f"{n} session(s): fps min {runs[-1]['fps_received_min']}, first frame {runs[-1]['first_frame_ms_mean']} ms, "
               f"audio round trip {runs[-1]['audio_roundtrip_ms_mean']} ms, holds 25 fps: {runs[-1]['all_hold_25fps']}, "

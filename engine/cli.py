@@ -199,7 +199,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                 else ice_servers_from_env())
     cfg = ServerConfig(host=a.host, port=a.port, max_sessions=a.max_sessions, token=token, cors_origins=tuple(a.cors or ()),
                        session=SessionConfig(steps=a.steps, connect_timeout_s=a.pending_timeout, ice_servers=ice), peer_timeout_s=a.peer_timeout,
-                       avatars_dir=Path(a.avatars_dir) if a.avatars_dir else None, default_portrait=Path(a.portrait) if a.portrait else DEMO_PORTRAIT)
+                       avatars_dir=Path(a.avatars_dir) if a.avatars_dir else None, default_portrait=Path(a.portrait) if a.portrait else DEMO_PORTRAIT,
+                       batch_sessions=a.batch_sessions, batch_wait_ms=a.batch_wait_ms)
     rt = load_runtime(a.bundle, a.backend, threads=a.threads)
     try:
         asyncio.run(serve(rt, cfg))
@@ -416,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pending-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="close a session whose peer has not connected its media this long after the answer: an offer that never "
                         "connects holds a session slot this long at most (default 5)")
+    p.add_argument("--batch-sessions", type=int, metavar="N",
+                   help="run the denoiser calls of up to N sessions that are due together as one batch (on a GPU the decoder's too); "
+                        "1: off (default: --max-sessions on a GPU, off on a CPU, where a batch costs about as much as its calls: "
+                        "docs/benchmarks/batching.json)")
+    p.add_argument("--batch-wait-ms", type=float, default=3.0, metavar="MS",
+                   help="a batch waits this long at most for the other sessions' calls; a lone session never waits (default 3)")
     _runtime_args(p)
     p.set_defaults(func=_cmd_serve)
 

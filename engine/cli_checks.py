@@ -26,6 +26,8 @@ _AT_LEAST: dict[str, tuple[str, float, bool]] = {
     "repeats": ("--repeats", 1, True),
     "max_frames": ("--max-frames", 1, True),
     "max_sessions": ("--max-sessions", 1, True),
+    "batch_sessions": ("--batch-sessions", 1, True),
+    "batch_wait_ms": ("--batch-wait-ms", 0, True),
     "seconds": ("--seconds", 0, False),
     "duration": ("--duration", 0, False),
     "budget_ms": ("--budget-ms", 0, False),

@@ -1,4 +1,10 @@
-"""Offline render: portrait + speech file -> mp4 (video of the talking portrait, the speech muxed)."""
+"""Offline render: portrait + speech file -> mp4 (video of the talking portrait, the speech muxed).
+
+The speech is streamed, never held whole: the pipeline's FileSource decodes it at 16 kHz as the
+frames are made, and the mp4's audio track reads a second decoder at 48 kHz as the video
+advances (engine/audio/decode.py AudioBlocks). Memory is flat in the audio's length: a 40-minute
+file renders in what a minute takes (tests/test_render.py; figures in docs/benchmarks/render_memory.json).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine.audio import decode_audio
+from engine.audio.decode import AudioBlocks, audio_duration_s
 from engine.avatar import load_portrait, prepare_avatar
 from engine.bundle import Bundle, load_bundle
 from engine.errors import AvatarInputError
@@ -41,10 +47,8 @@ def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: 
     t0 = time.perf_counter()
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     rt = load_runtime(b, backend, threads=threads)
-    wave = decode_audio(audio, sample_rate_hz=16000)
-    mux = decode_audio(audio, sample_rate_hz=MUX_RATE_HZ)
-    duration_s = len(wave) / 16000.0
-    n_frames = max(1, int(np.ceil(duration_s * b.fps - 1e-6)))  # the last partial frame keeps the speech's tail
+    stated_s = audio_duration_s(audio)  # the file's errors before the portrait is prepared; the progress bar's length
+    expected_frames = None if stated_s is None else max(1, int(np.ceil(stated_s * b.fps - 1e-6)))
     image = load_portrait(portrait)
     av_ = prepare_avatar(image, rt, crop_size_px=b.crop_size_px)
     t_prep = time.perf_counter()
@@ -57,9 +61,10 @@ def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: 
     record = provenance.provenance_record(bundle_manifest_sha256=bundle_sha, watermark=None if mark is None else {
         "embedded": True, "version": mark.version, "bundle": mark.bundle_hex, "id": mark.session})
     try:
-        with Mp4Writer(partial, fps=b.fps, width=w, height=h, audio=mux, audio_rate_hz=MUX_RATE_HZ,
-                       metadata=provenance.container_tags(record)) as wr:
-            kinds = asyncio.run(_run_pipeline(rt, av_, config, audio, wr, n_frames, progress))
+        with Mp4Writer(partial, fps=b.fps, width=w, height=h, audio=AudioBlocks(audio, sample_rate_hz=MUX_RATE_HZ),
+                       audio_rate_hz=MUX_RATE_HZ, metadata=provenance.container_tags(record)) as wr:
+            kinds, duration_s = asyncio.run(_run_pipeline(rt, av_, config, audio, wr, expected_frames, progress))
+        n_frames = sum(kinds.values())  # ceil(duration * fps): the last partial frame keeps the speech's tail
         signed = provenance.sign_c2pa(partial, record, title=out.name) if c2pa else "not signed: --no-c2pa"
         partial.replace(out)
     finally:
@@ -72,14 +77,17 @@ def render(portrait: str | Path, audio: str | Path, out: str | Path, *, bundle: 
             "frames_per_s": round(n_frames / max(t_end - t_prep, 1e-9), 2)}
 
 
-async def _run_pipeline(rt, avatar, config: PipelineConfig, audio: str | Path, wr: Mp4Writer, n_frames: int, progress: bool) -> dict[str, int]:
-    """The live pipeline in fast mode: the file as the source, the mp4 as the sink."""
+async def _run_pipeline(rt, avatar, config: PipelineConfig, audio: str | Path, wr: Mp4Writer, n_frames: int | None,
+                        progress: bool) -> tuple[dict[str, int], float]:
+    """The live pipeline in fast mode: the file as the source, the mp4 as the sink; (frame kinds, seconds of audio)."""
     kinds: dict[str, int] = {}
+    source = FileSource(audio, realtime=False)
     async with Pipeline(rt, avatar, config) as p:
-        p.start(FileSource(audio, realtime=False))
+        p.start(source)
         with tqdm(total=n_frames, desc="render", unit="frame", disable=not progress, dynamic_ncols=True) as bar:
             async for f in p.frames():
                 wr.write(f.image)
                 kinds[f.kind] = kinds.get(f.kind, 0) + 1
                 bar.update(1)
-    return kinds
+        duration_s = source.duration_s
+    return kinds, (0.0 if duration_s is None else duration_s)

@@ -20,7 +20,9 @@ Routes (JSON unless said; errors are ``{"error": "..."}`` with the status below)
                                          header before decoding (server/images.py): 400 not an image or a broken form,
                                          413 too large, 415 another image format, 422 no face / several faces / too small
     GET    /healthz                      {ok, sessions, capacity} (never needs the token, nor does the page)
-    GET    /metrics                      Prometheus text: server gauges, every session's pipeline metrics labelled session="id"
+    GET    /metrics                      Prometheus text (prometheus_client): server gauges and counters, the pipelines'
+                                         histograms (seconds) and counters summed over every session, closed ones
+                                         included (no per-session series), process metrics (engine/pipeline/metrics.py)
     GET    /                             the web client (clients/web/index.html) or a short text page
 
 A session's audio comes from the peer's audio track when its offer's audio m-line sends
@@ -51,9 +53,12 @@ from typing import Any
 import numpy as np
 from aiohttp import BodyPartReader, WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.errors import AvatarInputError, ImageTooLargeError, UnreadableMediaError
+from engine.pipeline.metrics import PrometheusExport
 from engine.pipeline.sources import PushSource
+from engine.runtime.batching import auto_batch_sessions, batch_runtime, batching_stats
 from server.avatars import DEFAULT_ID, AvatarStore, UnsupportedImageError
 from server.ice import is_loopback_host, pin_host_addresses, set_consent_timeout
 from server.session import OfferError, Session, SessionConfig, offer_media
@@ -87,6 +92,8 @@ class ServerConfig:
     web_dir: Path = WEB_DIR
     default_portrait: Path = DEMO_PORTRAIT  # the avatar "default"
     avatars_dir: Path | None = None  # keep uploads here and prepare them again at startup (None: memory only)
+    batch_sessions: int | None = None  # batch this many sessions' denoiser (GPU: and decoder) calls; None: auto (GPU: max_sessions, CPU: off)
+    batch_wait_ms: float = 3.0  # a batch waits this long at most for the other sessions' calls (engine/runtime/batching.py)
 
 
 class ServerState:
@@ -99,6 +106,8 @@ class ServerState:
         self.sessions_started = 0
         self.sessions_rejected = 0
         self.restoring: asyncio.Task | None = None  # kept uploads being prepared again at startup
+        self.metrics = PrometheusExport()  # GET /metrics: every session's pipeline reports into it, and the server's own
+        self.metrics.registry.register(_ServerCollector(self))
 
     def session_closed(self, s: Session) -> None:
         if self.sessions.get(s.id) is s:
@@ -106,6 +115,22 @@ class ServerState:
         self.closed[s.id] = s.error or s.close_reason or "closed"
         while len(self.closed) > 256:
             self.closed.popitem(last=False)
+
+
+class _ServerCollector:
+    """The server's own series, read from its state at each scrape."""
+
+    def __init__(self, st: ServerState):
+        self.st = st
+
+    def collect(self):
+        st = self.st
+        for name, help_, value in (("avatar_sessions", "Sessions open now.", len(st.sessions)),
+                                   ("avatar_sessions_capacity", "Sessions this server accepts at once.", st.config.max_sessions),
+                                   ("avatar_avatars", "Avatars prepared and kept.", len(st.avatars))):
+            yield GaugeMetricFamily(name, help_, value=value)
+        yield CounterMetricFamily("avatar_sessions_started", "Sessions answered since the server started.", value=st.sessions_started)
+        yield CounterMetricFamily("avatar_sessions_rejected", "Offers refused at capacity.", value=st.sessions_rejected)
 
 
 STATE = web.AppKey("avatar_state", ServerState)
@@ -323,6 +348,7 @@ async def _offer(request: web.Request) -> web.Response:
     sid = secrets.token_hex(8)
     cfg = st.config.session if steps is None else dataclasses.replace(st.config.session, steps=steps)
     s = Session(sid, st.runtime, st.avatars.get(avatar_id), avatar_id, cfg, on_closed=st.session_closed)
+    s.pipeline.metrics.export_to(st.metrics)  # its frames and latencies stay counted in /metrics after it closes
     st.sessions[sid] = s  # counted from now: concurrent offers cannot overshoot the capacity
     try:
         answer = await s.answer(sdp)
@@ -491,45 +517,9 @@ async def _healthz(request: web.Request) -> web.Response:
                               "avatars": len(st.avatars), "backend": st.runtime.backend})
 
 
-def _merge_prometheus(texts: list[tuple[str, str]], label: str) -> list[str]:
-    """Several registries' exposition text as one: each sample gets ``label="<id>"``, HELP/TYPE once per family."""
-    families: dict[str, tuple[list[str], list[str]]] = {}
-    for value, text in texts:
-        family = None
-        for line in text.splitlines():
-            if not line:
-                continue
-            if line.startswith("#"):
-                parts = line.split(" ", 3)
-                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                    family = parts[2]
-                    head = families.setdefault(family, ([], []))[0]
-                    if not any(h.split(" ", 2)[1] == parts[1] for h in head):
-                        head.append(line)
-                continue
-            i = min((k for k in (line.find("{"), line.find(" ")) if k >= 0), default=len(line))
-            name, rest = line[:i], line[i:]
-            tag = f'{label}="{value}"'
-            sample = f"{name}{{{tag},{rest[1:]}" if rest.startswith("{") else f"{name}{{{tag}}}{rest}"
-            families.setdefault(family or name, ([], []))[1].append(sample)
-    return [ln for head, samples in families.values() for ln in (*head, *samples)]
-
-
 async def _metrics(request: web.Request) -> web.Response:
-    st = request.app[STATE]
-    lines = [
-        "# HELP avatar_sessions Sessions open now.", "# TYPE avatar_sessions gauge", f"avatar_sessions {len(st.sessions)}",
-        "# HELP avatar_sessions_capacity Sessions this server accepts at once.", "# TYPE avatar_sessions_capacity gauge",
-        f"avatar_sessions_capacity {st.config.max_sessions}",
-        "# HELP avatar_sessions_started_total Sessions answered since the server started.", "# TYPE avatar_sessions_started_total counter",
-        f"avatar_sessions_started_total {st.sessions_started}",
-        "# HELP avatar_sessions_rejected_total Offers refused at capacity.", "# TYPE avatar_sessions_rejected_total counter",
-        f"avatar_sessions_rejected_total {st.sessions_rejected}",
-        "# HELP avatar_avatars Avatars prepared and kept.", "# TYPE avatar_avatars gauge", f"avatar_avatars {len(st.avatars)}",
-    ]
-    lines += _merge_prometheus([(sid, s.pipeline.metrics.prometheus_text()) for sid, s in st.sessions.items()], "session")
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    body, content_type = request.app[STATE].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"})
 
 
 _PLACEHOLDER = """avatar server
@@ -565,6 +555,8 @@ def create_app(runtime: Any, config: ServerConfig = ServerConfig(), *, avatars: 
     """The aiohttp application. ``runtime``: one ``engine.runtime.Runtime`` shared by every session.
     ``avatars``: a store to use (its ``default`` is prepared at startup if it has none)."""
     app = web.Application(middlewares=[_host_guard, _cors, _auth], client_max_size=config.max_upload_bytes + 256 * 1024)
+    n_batch = config.batch_sessions if config.batch_sessions is not None else auto_batch_sessions(runtime, config.max_sessions)
+    runtime = batch_runtime(runtime, min(n_batch, config.max_sessions), config.batch_wait_ms)  # the same runtime when <= 1
     app[STATE] = ServerState(runtime, config, avatars or AvatarStore(runtime, directory=config.avatars_dir))
     r = app.router
     r.add_post("/offer", _offer)
@@ -633,6 +625,8 @@ async def serve(runtime: Any, config: ServerConfig, *, ready: asyncio.Event | No
     print("  API: POST /offer, GET /healthz, GET /metrics, GET/POST /avatars; Python client: avatar client --server "
           f"http://{host}:{port} --audio FILE", flush=True)
     print(f"  avatars: {', '.join(e['id'] for e in st.avatars.describe())}; stop with Ctrl-C", flush=True)
+    for name, b in batching_stats(st.runtime).items():
+        print(f"  {name}: up to {b['max_batch']} sessions' calls batched (waiting {b['max_wait_ms']:g} ms at most)", flush=True)
     if ready is not None:
         ready.set()
     stop = asyncio.Event()

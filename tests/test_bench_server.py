@@ -7,7 +7,9 @@ import json
 import wave
 
 import numpy as np
+import pytest
 
+from benchmarks.server import histogram_quantile
 from engine.audio import decode_audio
 from engine.cli import DEMO, main
 from tests.tiny import tiny_bundle
@@ -31,4 +33,18 @@ def test_bench_server_writes_json_and_plot(tmp_path):
     assert s["frames"] > 40 and 0 < s["first_frame_ms"] < 20_000 and s["fps_received"] > 0
     assert s["audio_roundtrip_ms_unchecked"] is not None and s["server_pipeline_latency_ms"]["p50_ms"] > 0
     assert set(r["runs"][0]["cpu_cores_used"]) == {"server", "clients"}
+    m = r["runs"][0]["server_metrics"]  # the server's /metrics, read after the run
+    assert m["sessions_started"] == 1 and m["frames_out"] >= s["frames"] - 5
+    assert m["pipeline_latency"]["count"] > 0 and m["pipeline_latency"]["p50_ms"] >= 0
+    assert m["send_latency"]["count"] > 0 and m["process_resident_memory_mib"] > 50 and m["process_open_fds"] > 0
     assert r["sessions_holding_25fps"] == int(r["runs"][0]["all_hold_25fps"])
+
+
+def test_histogram_quantile_interpolates_inside_the_bucket():
+    inf = float("inf")
+    buckets = [(0.1, 10.0), (0.2, 30.0), (0.5, 40.0), (inf, 40.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.15)  # rank 20: halfway through (0.1, 0.2]
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.1) and histogram_quantile(0.05, buckets) == pytest.approx(0.02)
+    assert histogram_quantile(1.0, buckets) == pytest.approx(0.5)
+    assert histogram_quantile(0.99, [(0.1, 1.0), (inf, 2.0)]) == 0.1  # in +Inf: its lower bound
+    assert histogram_quantile(0.5, [(0.1, 0.0), (inf, 0.0)]) is None

@@ -66,6 +66,8 @@ def test_version() -> None:
     (["serve", "--port", "70000"], "--port must be in [0, 65535]"),
     (["serve", "--pending-timeout", "0"], "--pending-timeout must be > 0"),
     (["serve", "--max-sessions", "0"], "--max-sessions must be >= 1"),
+    (["serve", "--batch-sessions", "0"], "--batch-sessions must be >= 1"),
+    (["serve", "--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0"),
     (["serve", "--portrait", "{tmp}/missing.png", "--port", "0"], "no such file"),
     (["vcam", "--audio", "{tmp}/missing.wav"], "no such file"),
     (["live", "--portrait", "{tmp}/missing.png"], "no such file"),

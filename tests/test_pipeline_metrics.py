@@ -1,21 +1,24 @@
-"""Pipeline metrics: histogram buckets and quantiles, counters, gauges, fps, JSON, Prometheus text."""
+"""Pipeline metrics: histogram buckets and quantiles, counters, gauges, fps, JSON; the Prometheus export."""
 from __future__ import annotations
 
 import json
-import math
-import re
 import threading
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.pipeline.metrics import (
     DEFAULT_BUCKETS_MS,
+    EXPORTED_COUNTERS,
+    EXPORTED_STAGES,
+    STAGE_BUCKETS_S,
     STANDARD_COUNTERS,
     Counter,
     Gauge,
     Histogram,
     PipelineMetrics,
+    PrometheusExport,
 )
 
 
@@ -150,64 +153,79 @@ def test_snapshot_is_json_and_rounded() -> None:
     assert snap["stages"]["unused"]["count"] == 0 and snap["stages"]["unused"]["p95_ms"] is None
 
 
-_SAMPLE_RE = re.compile(
-    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*)\})? '
-    r"(?P<value>[-+]?(\d+(\.\d*)?([eE][-+]?\d+)?|Inf|NaN))$"
-)
+def _samples(export: PrometheusExport) -> dict[tuple[str, tuple], float]:
+    """The export's exposition read back by prometheus_client's own parser: {(sample name, labels): value}."""
+    body, content_type = export.exposition()
+    assert content_type.startswith("text/plain") and body.endswith(b"\n")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sm in family.samples:
+            out[(sm.name, tuple(sorted(sm.labels.items())))] = sm.value
+    return out
 
 
-def _parse_prometheus(text: str) -> tuple[dict[str, str], list[tuple[str, dict[str, str], float]]]:
-    """A strict reader of the 0.0.4 text format: TYPE lines and samples (name, labels, value)."""
-    types: dict[str, str] = {}
-    samples: list[tuple[str, dict[str, str], float]] = []
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert name not in types and kind in {"counter", "gauge", "histogram"}
-            types[name] = kind
-            continue
-        m = _SAMPLE_RE.match(line)
-        assert m, f"not a valid sample line: {line!r}"
-        labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:\\.|[^"\\])*)"', m["labels"] or ""))
-        family = re.sub(r"_(bucket|sum|count)$", "", m["name"])
-        assert m["name"] in types or family in types, f"sample before its TYPE: {line!r}"
-        samples.append((m["name"], labels, float(m["value"].replace("Inf", "inf"))))
-    return types, samples
+def test_prometheus_export_in_seconds_with_stable_names() -> None:
+    export = PrometheusExport(process=False)
+    before = _samples(export)
+    # every exported series is there (at 0) before any pipeline reported
+    for stage in EXPORTED_STAGES:
+        assert before[("avatar_stage_seconds_count", (("stage", stage),))] == 0
+    for name in EXPORTED_COUNTERS:
+        assert before[(f"avatar_{name}_total", ())] == 0
+    assert before[("avatar_pipeline_latency_seconds_count", ())] == 0 and before[("avatar_send_latency_seconds_count", ())] == 0
 
-
-def test_prometheus_text_exposition() -> None:
-    metrics = PipelineMetrics()
+    metrics = PipelineMetrics(export=export)
     for v in (0.05, 3.0, 3.0, 45.0, 20000.0):
-        metrics.stage("denoise").observe(v)
-    metrics.stage('odd "stage"\\name').observe(1.0)
+        metrics.stage("denoise").observe(v)  # ms in, seconds out
+    metrics.stage("latency").observe(120.0)
+    metrics.stage("latency").observe(-30.0)  # a frame ready before its audio was due: 0 in the export
     metrics.counter("frames_dropped").inc(2)
-    metrics.gauge("video_queue_depth").set(4)
-    types, samples = _parse_prometheus(metrics.prometheus_text(prefix="avatar_"))
-    assert types["avatar_stage_latency_ms"] == "histogram"
-    assert types["avatar_frames_dropped_total"] == "counter"
-    assert types["avatar_video_queue_depth"] == "gauge" and types["avatar_fps"] == "gauge"
-
-    buckets = [
-        (lab["le"], v)
-        for n, lab, v in samples
-        if n == "avatar_stage_latency_ms_bucket" and lab["stage"] == "denoise"
-    ]
-    assert len(buckets) == len(DEFAULT_BUCKETS_MS) + 1 and buckets[-1][0] == "+Inf"
-    les = [float(le.replace("+Inf", "inf")) for le, _ in buckets]
-    counts = [v for _, v in buckets]
-    assert les == sorted(les) and counts == sorted(counts)  # cumulative
-    assert dict(buckets)["0.1"] == 1 and dict(buckets)["5.0"] == 3 and dict(buckets)["10000.0"] == 4
-    values = {(n, tuple(sorted(lab.items()))): v for n, lab, v in samples}
-    assert values[("avatar_stage_latency_ms_count", (("stage", "denoise"),))] == 5 == counts[-1]
-    assert values[("avatar_stage_latency_ms_sum", (("stage", "denoise"),))] == pytest.approx(20051.05)
-    assert values[("avatar_frames_dropped_total", ())] == 2
-    assert values[("avatar_video_queue_depth", ())] == 4
-    # the odd stage name is escaped, not broken
-    assert ("avatar_stage_latency_ms_count", (("stage", 'odd \\"stage\\"\\\\name'),)) in values
-    assert all(math.isfinite(v) or n.endswith("_bucket") for n, _, v in samples)
-
+    metrics.gauge("video_queue_depth").set(4)  # per-session state: not exported
+    metrics.frame_out()
+    got = _samples(export)
+    assert got[("avatar_stage_seconds_count", (("stage", "denoise"),))] == 5
+    assert got[("avatar_stage_seconds_sum", (("stage", "denoise"),))] == pytest.approx(20.05105)
+    assert got[("avatar_stage_seconds_bucket", (("le", "0.005"), ("stage", "denoise")))] == 3
+    assert got[("avatar_stage_seconds_bucket", (("le", "2.56"), ("stage", "denoise")))] == 4
+    assert got[("avatar_stage_seconds_bucket", (("le", "+Inf"), ("stage", "denoise")))] == 5
+    assert all(b < c for b, c in zip(STAGE_BUCKETS_S, STAGE_BUCKETS_S[1:]))
+    assert got[("avatar_pipeline_latency_seconds_count", ())] == 2
+    assert got[("avatar_pipeline_latency_seconds_sum", ())] == pytest.approx(0.12)
+    assert got[("avatar_pipeline_latency_seconds_bucket", (("le", "0.02"),))] == 1  # the early frame, as 0
+    assert got[("avatar_frames_dropped_total", ())] == 2 and got[("avatar_frames_out_total", ())] == 1
+    assert not any("queue_depth" in name for name, _ in got)
+    assert metrics.stage("latency").state()["min_ms"] == -30.0  # the pipeline's own snapshot keeps the signed value
     with pytest.raises(ValueError, match="metric name"):
         metrics.counter("frames dropped")
+
+
+def test_prometheus_series_outlive_the_pipelines_and_take_no_session_label() -> None:
+    """Sessions come and go; their observations add up in the same series, which never vanish."""
+    export = PrometheusExport(process=False)
+    names_before = {name for name, _ in _samples(export)}
+    for i in range(20):  # twenty sessions, each reporting and then gone
+        m = PipelineMetrics()
+        m.stage("compose").observe(10.0)  # before the export is attached: not exported
+        m.export_to(export)
+        m.stage("compose").observe(10.0)
+        m.stage("send_latency").observe(100.0)
+        m.counter("segments_finished").inc()
+        m.frame_out()
+        del m
+    got = _samples(export)
+    assert got[("avatar_stage_seconds_count", (("stage", "compose"),))] == 20
+    assert got[("avatar_send_latency_seconds_count", ())] == 20
+    assert got[("avatar_segments_finished_total", ())] == 20 and got[("avatar_frames_out_total", ())] == 20
+    assert {name for name, _ in got} == names_before  # the same series, no new ones per session
+    assert all(set(dict(labels)) <= {"stage", "le"} for _, labels in got)  # bounded labels only
+    m = PipelineMetrics(export=export)
+    m.export_to(None)  # detached: nothing more goes out
+    m.frame_out()
+    assert _samples(export)[("avatar_frames_out_total", ())] == 20
+
+
+def test_prometheus_export_has_process_metrics() -> None:
+    got = _samples(PrometheusExport())
+    names = {name for name, _ in got}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"} <= names
+    assert got[("process_resident_memory_bytes", ())] > 10 * 2**20

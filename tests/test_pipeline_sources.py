@@ -201,6 +201,54 @@ def test_file_source_errors_propagate(tmp_path: Path) -> None:
             _run(_collect(FileSource(path, realtime=False)))
 
 
+def test_file_source_decodes_as_it_goes_memory_flat_in_the_length(tmp_path: Path) -> None:
+    """Five minutes of audio through the source: the chunks are the decoded file, sample for sample,
+    while what Python holds at any time (tracemalloc: numpy's buffers included) stays far below the
+    decoded wave's 19 MB; it held the whole wave (twice during the decode) before."""
+    import tracemalloc
+
+    x = np.tile(_sine(220, 16000, 16000, amplitude=0.3), 300)  # 5 min at 16 kHz
+    path = _write_wav(tmp_path / "long.wav", x, 16000)
+    ref = (np.clip(x, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768.0
+    del x
+
+    async def main() -> tuple[int, float, int]:
+        source = FileSource(path, realtime=False)
+        n, pos, mismatches = 0, 0, 0
+        async for chunk in source:
+            v = chunk.pcm[: chunk.valid_samples]
+            mismatches += int(not np.array_equal(v, ref[pos : pos + v.size]))
+            pos += v.size
+            n += 1
+        return n, source.duration_s, mismatches
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        n, duration_s, mismatches = _run(main(), 120)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert n == 30000 and duration_s == pytest.approx(300.0) and mismatches == 0
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB held at the peak"
+
+
+def test_file_source_reports_a_truncated_file_where_it_is_found(tmp_path: Path) -> None:
+    path = _write_wav(tmp_path / "cut.wav", _sine(220, 32000, 16000), 16000)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # the header still declares 2 s
+
+    async def main() -> int:
+        n = 0
+        async for _ in FileSource(path, realtime=False):
+            n += 1
+        return n
+
+    with pytest.raises(UnreadableMediaError, match="truncated"):
+        _run(main())
+
+
 # ---------------------------------------------------------------------------------------------
 # PushSource
 

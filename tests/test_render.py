@@ -147,3 +147,41 @@ def test_main_job_renders_the_demo_with_the_default_bundle(tmp_path):
     assert moving.any()  # the mouth region changes with speech ...
     ys, xs = np.nonzero(moving)
     assert ys.min() > portrait.shape[0] * 0.1 and ys.max() < portrait.shape[0] * 0.6  # ... and only around the face
+
+
+def test_mp4_audio_from_blocks_equals_audio_from_an_array(tmp_path):
+    """The mp4's audio track read from an iterator of blocks (a decoder streaming a long file) is the
+    same file as from the whole array; both cut or padded to the video's duration."""
+    from engine.media.mp4 import Mp4Writer
+
+    rng = np.random.default_rng(0)
+    x = (0.3 * rng.standard_normal(int(48000 * 1.3))).astype(np.float32)  # 1.3 s of audio for 1.0 s of video
+    blocks = np.split(x, [1000, 1001, 5000, 47000, 47999])  # odd sizes, an empty one
+    outs = []
+    for name, audio in (("array", x), ("blocks", iter(blocks)), ("short", iter([x[:30000]]))):
+        path = tmp_path / f"{name}.mp4"
+        with Mp4Writer(path, fps=25, width=64, height=64, audio=audio, audio_rate_hz=48000) as w:
+            for _ in range(25):
+                w.write(np.zeros((64, 64, 3), np.uint8))
+        with av.open(str(path)) as c:
+            outs.append(np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]))
+    assert np.array_equal(outs[0], outs[1])
+    assert abs(len(outs[0]) / 48000 - 1.0) < 0.05 and abs(len(outs[2]) / 48000 - 1.0) < 0.05  # cut, padded: the video's second
+    assert np.abs(outs[2][40000:]).max() < 0.05  # padded with silence past the short track's end
+
+
+def test_render_streams_the_audio_and_never_decodes_the_whole_file(shared_data, tmp_path, monkeypatch):
+    """The render reads the speech as it goes (a 16 kHz source and a 48 kHz track, both incremental):
+    decoding a whole file, which held ~2 GB for 40 minutes of audio, is not on its path at all."""
+    import engine.audio.decode as decode
+    from engine.render import render
+
+    def refuse(*a, **kw):
+        raise AssertionError("decode_audio (the whole file in memory) was called by the render")
+
+    monkeypatch.setattr(decode, "decode_audio", refuse)
+    d = tiny_bundle(tmp_path / "b")
+    info = render(shared_data / PORTRAIT, _wav(tmp_path / "a.wav", 1.3), tmp_path / "o.mp4", bundle=d, progress=False)
+    assert info["frames"] == 33 and info["audio_s"] == pytest.approx(1.3)  # ceil(1.3 * 25): the last partial frame kept
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 33

@@ -24,13 +24,14 @@ import pytest
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from prometheus_client.parser import text_string_to_metric_families
 
 from clients.python.client import PacedAudioTrack, run_client
 from engine.audio import decode_audio
 from engine.avatar import load_portrait, prepare_avatar
 from engine.cli import DEMO, main
 from engine.runtime import load_runtime
-from server.app import STATE, ServerConfig, create_app, _merge_prometheus
+from server.app import STATE, ServerConfig, create_app
 from server.avatars import AvatarStore
 from server.ice import pin_host_addresses
 from server.jitter import audio_prefetch
@@ -148,6 +149,14 @@ def _tasks_now() -> set[asyncio.Task]:
     return {t for t in asyncio.all_tasks() if not t.done() and "RequestHandler" not in getattr(t.get_coro(), "__qualname__", "")}
 
 
+async def _scrape(http: aiohttp.ClientSession, base: str) -> dict[tuple[str, tuple], float]:
+    """GET /metrics read by prometheus_client's parser: {(sample name, sorted labels): value}."""
+    r = await http.get(f"{base}/metrics")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+    return {(sm.name, tuple(sorted(sm.labels.items()))): sm.value
+            for family in text_string_to_metric_families(await r.text()) for sm in family.samples}
+
+
 async def _until(cond, timeout_s: float) -> bool:
     t_end = time.monotonic() + timeout_s
     while not cond() and time.monotonic() < t_end:
@@ -193,10 +202,14 @@ def test_stream_over_webrtc(rig):
             while asyncio.get_running_loop().time() < t_end:
                 await asyncio.sleep(0.1)
             assert len(peer.video) > n_before + 25, "the first session stopped streaming"
-            metrics = await (await http.get(f"{base}/metrics")).text()
-            assert "avatar_sessions 1" in metrics and "avatar_sessions_rejected_total 1" in metrics
-            assert f'avatar_frames_out_total{{session="{peer.session_id}"}}' in metrics
-            assert f'avatar_stage_latency_ms_bucket{{session="{peer.session_id}",stage="latency",le="+Inf"}}' in metrics
+            metrics = await _scrape(http, base)
+            assert metrics[("avatar_sessions", ())] == 1 and metrics[("avatar_sessions_rejected_total", ())] == 1
+            frames_out = metrics[("avatar_frames_out_total", ())]
+            assert frames_out > 25 and metrics[("avatar_pipeline_latency_seconds_count", ())] > 0
+            assert metrics[("avatar_stage_seconds_count", (("stage", "denoise"),))] > 0
+            assert metrics[("avatar_send_latency_seconds_bucket", (("le", "+Inf"),))] > 0
+            assert metrics[("process_resident_memory_bytes", ())] > 0
+            assert not any(k == "session" for _, labels in metrics for k, _ in labels)  # no per-session series
 
             # DELETE: the session, its connection and every task it started are gone
             r4 = await http.delete(f"{base}/sessions/{peer.session_id}")
@@ -205,6 +218,9 @@ def test_stream_over_webrtc(rig):
             assert session.pc.connectionState == "closed"
             await peer.close()
             assert await _until(lambda: not (_tasks_now() - baseline), 5.0), f"tasks left: {_tasks_now() - baseline}"
+            after = await _scrape(http, base)  # the closed session's frames stay counted, its series stay
+            assert after[("avatar_sessions", ())] == 0 and after[("avatar_frames_out_total", ())] >= frames_out
+            assert set(after) == set(metrics)
             gone = await http.delete(f"{base}/sessions/{peer.session_id}")  # closed: 410 with the reason, not 404
             assert gone.status == 410 and "deleted by the client" in (await gone.json())["error"]
             return peer, tap
@@ -515,9 +531,8 @@ def test_cli_serve_and_client_errors(rig, tmp_path, capsys):
             proc.wait()
 
 
-def test_upsampler_and_metrics_merge():
-    """The 16 -> 48 kHz upsampler keeps spans (3 samples per sample, across calls, no clicks) and
-    the metrics of several sessions merge into valid exposition text."""
+def test_upsampler():
+    """The 16 -> 48 kHz upsampler keeps spans (3 samples per sample, across calls, no clicks)."""
     t = np.arange(16000) / 16000
     x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     up = Upsampler()
@@ -525,10 +540,6 @@ def test_upsampler_and_metrics_merge():
     assert y.size == 3 * x.size
     ref = 0.5 * np.sin(2 * np.pi * 440 * (np.arange(y.size) - 24) / 48000)  # 24 samples of filter delay
     assert np.abs(y[480:] - ref[480:]).max() < 0.01
-    a = "# HELP avatar_x_total X.\n# TYPE avatar_x_total counter\navatar_x_total 3\n# HELP avatar_h h\n# TYPE avatar_h histogram\navatar_h_bucket{stage=\"s\",le=\"+Inf\"} 1\n"
-    lines = _merge_prometheus([("a", a), ("b", a)], "session")
-    assert lines.count("# TYPE avatar_x_total counter") == 1
-    assert 'avatar_x_total{session="b"} 3' in lines and 'avatar_h_bucket{session="a",stage="s",le="+Inf"} 1' in lines
 
 
 def test_audio_jitter_buffer_is_set_on_both_ends():

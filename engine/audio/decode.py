@@ -20,6 +20,7 @@ line audio up with video frames, either
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -142,6 +143,111 @@ def audio_start_offset_s(path: str | os.PathLike) -> float:
         return (0.0 if audio_start_s is None else audio_start_s) - video_start_s
 
 
+class AudioBlocks:
+    """The first audio stream of a file, decoded incrementally: an iterator of mono float32 blocks.
+
+    ``for block in AudioBlocks(path, sample_rate_hz=16000): ...`` gives (n,) float32 blocks in
+    [-1, 1] as FFmpeg's resampler releases them (a packet's worth, its buffered tail last); their
+    concatenation is :func:`decode_audio`'s wave (``align_to_video=False``). Only the container's
+    and the resampler's buffers are held: memory is flat in the file's length (``avatar render``
+    of an hour of speech, engine/render.py). Iterate once.
+
+    Raises what :func:`decode_audio` raises, where it is found: a missing or unreadable file or one
+    without audio at the first block; a decoding failure where it happens; a truncation (the
+    container declares more than was decoded) and EmptyAudioError after the last block.
+    After the iteration: ``samples`` (blocks' total length), ``first_time_s`` (the first decoded
+    frame's time), ``stream_start_s`` and ``video_start_s`` (the video stream's start, None without one).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, sample_rate_hz: int = 16000) -> None:
+        if sample_rate_hz <= 0:
+            raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
+        self.path = Path(path)  # the media file
+        self.sample_rate_hz = sample_rate_hz  # of the blocks
+        self.samples = 0  # yielded so far
+        self.first_time_s: float | None = None  # pts of the first decoded frame, in seconds
+        self.stream_start_s: float | None = None  # the audio stream's declared start, in seconds
+        self.video_start_s: float | None = None  # the first video stream's start, in seconds (None: no video)
+        self._started = False
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._started:
+            raise RuntimeError("AudioBlocks is iterated once")
+        self._started = True
+        return self._blocks()
+
+    def _blocks(self) -> Iterator[np.ndarray]:
+        path = self.path
+        with _open(path) as container:  # closed when the iteration ends, fails, or the iterator is dropped
+            if not container.streams.audio:
+                raise NoAudioStreamError(f"{path}: the container has no audio stream")
+            stream = container.streams.audio[0]
+            declared_s = _declared_duration_s(path, container, stream)
+            self.video_start_s = _video_start_s(container)
+            self.stream_start_s = _start_s(stream)
+            resampler: av.AudioResampler | None = None
+            resampler_input: tuple[str, str, int] | None = None  # (format, layout, rate) it expects
+            decoded_s = 0.0  # decoded duration at the input rate, in seconds
+            try:
+                for packet in container.demux(stream):
+                    for frame in packet.decode():
+                        if frame.samples == 0:
+                            continue
+                        if self.first_time_s is None and frame.pts is not None:
+                            self.first_time_s = float(frame.time)
+                        decoded_s += frame.samples / frame.sample_rate
+                        setup = (frame.format.name, frame.layout.name, frame.sample_rate)
+                        out: list[av.AudioFrame] = []
+                        if resampler is None or setup != resampler_input:
+                            # First frame, or the layout or rate changed mid-stream: drain the old one.
+                            if resampler is not None:
+                                out += resampler.resample(None)
+                            resampler = av.AudioResampler(format="flt", layout="mono", rate=self.sample_rate_hz)
+                            resampler_input = setup
+                        out += resampler.resample(frame)
+                        yield from self._take(out)
+                if resampler is not None:
+                    yield from self._take(resampler.resample(None))  # the resampler's buffered tail
+            except av.FFmpegError as e:
+                raise UnreadableMediaError(
+                    f"{path}: audio decoding failed after {decoded_s:.3f} s "
+                    f"(file truncated or corrupt): {e}"
+                ) from e
+        if declared_s is not None and decoded_s < min(
+            TRUNCATION_MIN_FRACTION * declared_s, declared_s - TRUNCATION_SLACK_S
+        ):
+            raise UnreadableMediaError(
+                f"{path}: truncated: the audio stream declares {declared_s:.3f} s "
+                f"but only {decoded_s:.3f} s could be decoded"
+            )
+        if self.samples == 0:
+            raise EmptyAudioError(f"{path}: the audio stream decodes to zero samples")
+
+    def _take(self, frames: list[av.AudioFrame]) -> Iterator[np.ndarray]:
+        for f in frames:
+            block = f.to_ndarray().reshape(-1)  # (1, n) packed mono -> (n,)
+            if block.size:
+                self.samples += block.size
+                # Mixing stereo down adds channels (at -3 dB each), which can exceed full scale.
+                yield np.clip(block, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def audio_duration_s(path: str | os.PathLike) -> float | None:
+    """The audio's duration as its container states it (header, index or FFmpeg's estimate), without
+    decoding; None where unknown. Raises UnreadableMediaError / NoAudioStreamError as decode_audio."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise NoAudioStreamError(f"{path}: the container has no audio stream")
+        stream = container.streams.audio[0]
+        declared = _declared_duration_s(path, container, stream)
+        if declared is not None:
+            return declared
+        if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+            return float(stream.duration * stream.time_base)
+        return container.duration / av.time_base if container.duration else None
+
+
 def decode_audio(
     path: str | os.PathLike,
     *,
@@ -165,67 +271,12 @@ def decode_audio(
         NoAudioStreamError: the container has no audio stream.
         EmptyAudioError: the audio stream decodes to zero samples.
     """
-    path = Path(path)
-    if sample_rate_hz <= 0:
-        raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
-    with _open(path) as container:
-        if not container.streams.audio:
-            raise NoAudioStreamError(f"{path}: the container has no audio stream")
-        stream = container.streams.audio[0]
-        declared_s = _declared_duration_s(path, container, stream)
-        video_start_s = _video_start_s(container)
-
-        chunks: list[np.ndarray] = []  # each (n,) float32 at sample_rate_hz
-        resampler: av.AudioResampler | None = None
-        resampler_input: tuple[str, str, int] | None = None  # (format, layout, rate) it expects
-        first_time_s: float | None = None  # pts of the first decoded frame, in seconds
-        decoded_s = 0.0  # decoded duration at the input rate, in seconds
-
-        def take(frames: list[av.AudioFrame]) -> None:
-            for out in frames:
-                chunks.append(out.to_ndarray().reshape(-1))  # (1, n) packed mono -> (n,)
-
-        try:
-            for packet in container.demux(stream):
-                for frame in packet.decode():
-                    if frame.samples == 0:
-                        continue
-                    if first_time_s is None and frame.pts is not None:
-                        first_time_s = float(frame.time)
-                    decoded_s += frame.samples / frame.sample_rate
-                    setup = (frame.format.name, frame.layout.name, frame.sample_rate)
-                    if resampler is None or setup != resampler_input:
-                        # First frame, or the layout or rate changed mid-stream: drain the old one.
-                        if resampler is not None:
-                            take(resampler.resample(None))
-                        resampler = av.AudioResampler(
-                            format="flt", layout="mono", rate=sample_rate_hz
-                        )
-                        resampler_input = setup
-                    take(resampler.resample(frame))
-            if resampler is not None:
-                take(resampler.resample(None))  # flush the resampler's buffered tail
-        except av.FFmpegError as e:
-            raise UnreadableMediaError(
-                f"{path}: audio decoding failed after {decoded_s:.3f} s "
-                f"(file truncated or corrupt): {e}"
-            ) from e
-
-    if declared_s is not None and decoded_s < min(
-        TRUNCATION_MIN_FRACTION * declared_s, declared_s - TRUNCATION_SLACK_S
-    ):
-        raise UnreadableMediaError(
-            f"{path}: truncated: the audio stream declares {declared_s:.3f} s "
-            f"but only {decoded_s:.3f} s could be decoded"
-        )
-    wave = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)  # (N,)
-    if wave.size == 0:
-        raise EmptyAudioError(f"{path}: the audio stream decodes to zero samples")
-    # Mixing stereo down adds channels (at -3 dB each), which can exceed full scale.
-    wave = np.clip(wave, -1.0, 1.0).astype(np.float32, copy=False)
-
+    blocks = AudioBlocks(path, sample_rate_hz=sample_rate_hz)
+    chunks = list(blocks)  # each (n,) float32 at sample_rate_hz, clipped to [-1, 1]
+    wave = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]  # (N,); AudioBlocks raised if there were none
+    video_start_s = blocks.video_start_s
     if align_to_video and video_start_s is not None:
-        audio_start_s = first_time_s if first_time_s is not None else (_start_s(stream) or 0.0)
+        audio_start_s = blocks.first_time_s if blocks.first_time_s is not None else (blocks.stream_start_s or 0.0)
         shift = int(round((audio_start_s - video_start_s) * sample_rate_hz))  # samples
         if shift > 0:  # audio starts after the first video frame: pad with silence
             wave = np.concatenate([np.zeros(shift, dtype=np.float32), wave])

@@ -1,13 +1,35 @@
-"""Pipeline metrics: per-stage latency histograms, counters, gauges, output fps.
+"""Pipeline metrics: per-stage latency histograms, counters, gauges, output fps; their Prometheus export.
 
-Stages run in executor threads, so every metric takes a lock; each update is a few hundred
-nanoseconds. :meth:`PipelineMetrics.snapshot` gives a JSON-able dict (for logs, the server's
-``/stats`` and benchmarks) and :meth:`PipelineMetrics.prometheus_text` the Prometheus text
-exposition format 0.0.4, without a client library.
+Two layers:
 
-Histograms keep both fixed buckets (cumulative over the whole run, what Prometheus wants) and
-the last ``window`` observations, from which p50/p95/p99 are computed exactly: recent
-quantiles, not interpolated bucket guesses.
+- :class:`PipelineMetrics`, one per pipeline (a session, a render): milliseconds, exact recent
+  quantiles, :meth:`PipelineMetrics.snapshot` as a JSON-able dict (logs, the server's
+  ``GET /sessions/{id}`` that the web page and ``avatar bench server`` read, benchmarks). Stages
+  run in executor threads, so every metric takes a lock; an update costs a few hundred ns.
+  Histograms keep both fixed buckets (cumulative over the whole run) and the last ``window``
+  observations, from which p50/p95/p99 are computed exactly: recent quantiles, not bucket guesses.
+- :class:`PrometheusExport`, one per process (the server): ``prometheus_client`` series in one
+  registry that every attached pipeline adds to (``metrics.export_to(export)``). Stable names in
+  seconds, histograms with fixed buckets, labels of bounded cardinality (``stage`` only, whose
+  values are the code's stage names; no per-session label), so the series outlive the sessions
+  that fed them: a closed session's frames stay counted and its latencies stay in the histograms.
+  Per-session state (gauges, recent quantiles) is in the JSON, not here. With ``process=True`` the
+  client's process, platform and GC collectors are in the registry too (``process_*``: resident
+  memory, CPU seconds, open fds; ``python_gc_*``). Exported names (prefix ``avatar_``):
+
+  ``avatar_stage_seconds{stage}`` (histogram)      one call of a stage: features (audio features and
+                                                   A2L), denoise (warp, denoiser steps), compose (decoder,
+                                                   compositing), idle (an idle frame)
+  ``avatar_pipeline_latency_seconds`` (histogram)  a frame's audio due -> the frame out of the pipeline
+  ``avatar_send_latency_seconds`` (histogram)      a frame's audio in -> its slot on the server's tracks
+  ``avatar_<counter>_total`` (counter)             frames_out, frames_dropped, frames_degraded, idle_frames,
+                                                   barge_ins, segments_finished, segments_interrupted,
+                                                   stream_slots_skipped, stream_idle_dropped,
+                                                   stream_speech_dropped, stream_video_superseded
+
+  The server runs its sessions in its own process, so one registry sees them all; sessions in
+  several worker processes would need prometheus_client's multiprocess mode
+  (``PROMETHEUS_MULTIPROC_DIR`` and a ``MultiProcessCollector`` registry), not set up here.
 """
 from __future__ import annotations
 
@@ -20,6 +42,9 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry
 
 # Upper bounds (ms) of the latency buckets: a 1-2-5 series, about log-spaced, 0.1 ms to 10 s.
 DEFAULT_BUCKETS_MS: tuple[float, ...] = tuple(
@@ -37,6 +62,27 @@ STANDARD_COUNTERS: tuple[str, ...] = (
 )
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
+# The Prometheus export (seconds). Stage calls: 0.5 ms to 2.5 s, about doubling; latencies: around the 40 ms frame
+# period and the 150 ms budget finely, then coarsely to 10 s.
+STAGE_BUCKETS_S: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+LATENCY_BUCKETS_S: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+# pipeline stages exported as latencies, each a histogram of its own (name, help); every other stage is a label value
+LATENCY_STAGES: dict[str, tuple[str, str]] = {
+    "latency": ("pipeline_latency_seconds", "Audio in (when a frame's audio is due in real time) to the frame out of the "
+                                            "pipeline; a frame ready before its audio is due counts 0."),
+    "send_latency": ("send_latency_seconds", "Audio in (a frame's first sample arrived) to the frame's slot on the "
+                                             "server's media clock."),
+}
+EXPORTED_STAGES: tuple[str, ...] = ("features", "denoise", "compose", "idle")  # present (at 0) from the start
+EXPORTED_COUNTERS: tuple[str, ...] = STANDARD_COUNTERS + (
+    "segments_finished",  # source segments whose last audio went out
+    "segments_interrupted",  # source segments cut by clear_buffer()
+    "stream_slots_skipped",  # media-clock slots skipped by the server's tracks (late frames)
+    "stream_idle_dropped",  # idle frames dropped ahead of the clock to take back delay
+    "stream_speech_dropped",  # speech frames dropped after waiting too long for their slot
+    "stream_video_superseded",  # video frames replaced before the encoder took them
+)
+
 
 def _check_name(name: str) -> str:
     if not _NAME_RE.match(name):
@@ -46,22 +92,6 @@ def _check_name(name: str) -> str:
 
 def _round(x: float | None, digits: int = 3) -> float | None:
     return None if x is None else round(float(x), digits)
-
-
-def _fmt(x: float) -> str:
-    """A number as Prometheus text expects it (Go float syntax: +Inf, -Inf, NaN)."""
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "+Inf" if x > 0 else "-Inf"
-    if float(x).is_integer() and abs(x) < 1e15:
-        return str(int(x))
-    return repr(float(x))
-
-
-def _label(value: str) -> str:
-    """Escape a label value (backslash, double quote, newline)."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -78,12 +108,16 @@ class Counter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._value = 0.0
+        self.sink: Callable[[float], None] | None = None  # also told every increment (the Prometheus export)
 
     def inc(self, amount: float = 1) -> None:
         if amount < 0:
             raise ValueError(f"a counter only goes up, got inc({amount})")
         with self._lock:
             self._value += amount
+        sink = self.sink
+        if sink is not None:
+            sink(amount)
 
     @property
     def value(self) -> float:
@@ -135,6 +169,7 @@ class Histogram:
         self._min_ms = math.inf
         self._max_ms = -math.inf
         self._recent: deque[float] = deque(maxlen=window)  # the last `window` observations
+        self.sink: Callable[[float], None] | None = None  # also told every observation, in ms (the Prometheus export)
 
     def observe(self, value_ms: float) -> None:
         """Record one duration in milliseconds (NaN is refused)."""
@@ -149,6 +184,9 @@ class Histogram:
             self._min_ms = min(self._min_ms, v)
             self._max_ms = max(self._max_ms, v)
             self._recent.append(v)
+        sink = self.sink
+        if sink is not None:
+            sink(v)
 
     @contextmanager
     def time(self) -> Iterator[None]:
@@ -215,6 +253,7 @@ class PipelineMetrics:
         fps_window_s: float = DEFAULT_FPS_WINDOW_S,
         histogram_window: int = DEFAULT_WINDOW,
         clock: Callable[[], float] = time.monotonic,
+        export: PrometheusExport | None = None,
     ) -> None:
         if not fps_window_s > 0:
             raise ValueError(f"fps_window_s must be positive, got {fps_window_s}")
@@ -226,6 +265,9 @@ class PipelineMetrics:
         self._counters: dict[str, Counter] = {name: Counter() for name in STANDARD_COUNTERS}
         self._gauges: dict[str, Gauge] = {}
         self._frame_times: deque[float] = deque()  # output times within the fps window, seconds
+        self._export: PrometheusExport | None = None
+        if export is not None:
+            self.export_to(export)
 
     # -- registries ----------------------------------------------------------------------------
 
@@ -237,6 +279,8 @@ class PipelineMetrics:
                 if not name:
                     raise ValueError("a stage needs a name")
                 hist = self._stages[name] = Histogram(window=self.histogram_window)
+                if self._export is not None:
+                    hist.sink = self._export.stage_sink(name)
             return hist
 
     def time(self, stage: str) -> AbstractContextManager[None]:
@@ -249,6 +293,8 @@ class PipelineMetrics:
             c = self._counters.get(name)
             if c is None:
                 c = self._counters[_check_name(name)] = Counter()
+                if self._export is not None:
+                    c.sink = self._export.counter_sink(name)
             return c
 
     def gauge(self, name: str) -> Gauge:
@@ -258,6 +304,15 @@ class PipelineMetrics:
             if g is None:
                 g = self._gauges[_check_name(name)] = Gauge()
             return g
+
+    def export_to(self, export: PrometheusExport | None) -> None:
+        """Also report every observation and increment from now on into ``export`` (None: stop)."""
+        with self._lock:
+            self._export = export
+            for name, hist in self._stages.items():
+                hist.sink = None if export is None else export.stage_sink(name)
+            for name, c in self._counters.items():
+                c.sink = None if export is None else export.counter_sink(name)
 
     # -- frame rate ----------------------------------------------------------------------------
 
@@ -318,54 +373,56 @@ class PipelineMetrics:
             "stages": out_stages,
         }
 
-    def prometheus_text(self, prefix: str = "avatar_") -> str:
-        """All metrics in the Prometheus text exposition format 0.0.4 (ends with a newline).
 
-        ``<prefix>stage_latency_ms`` histogram labelled ``stage``; ``<prefix><name>_total``
-        per counter; ``<prefix><name>`` per gauge; ``<prefix>fps`` gauge.
-        """
+class PrometheusExport:
+    """The Prometheus series every attached :class:`PipelineMetrics` adds to, in ``self.registry``.
+
+    ``export = PrometheusExport(); pipeline.metrics.export_to(export)`` for each session;
+    ``body, content_type = export.exposition()`` for ``GET /metrics``. Names and labels are listed in
+    the module's docstring; the series exist (at 0) from the start and never vanish.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, prefix: str = "avatar_", process: bool = True) -> None:
         if prefix and not _NAME_RE.match(prefix):
             raise ValueError(f"prefix {prefix!r} must match [a-zA-Z_][a-zA-Z0-9_]*")
-        stages, counters, gauges = self._copy_registries()
-        lines: list[str] = []
-        if stages:
-            metric = f"{prefix}stage_latency_ms"
-            lines += [
-                f"# HELP {metric} Wall time of one call of a pipeline stage, in milliseconds.",
-                f"# TYPE {metric} histogram",
-            ]
-            for name in sorted(stages):
-                hist = stages[name]
-                st = hist.state()
-                stage = _label(name)
-                bounds = [*hist.buckets_ms, math.inf]
-                for bound, cum in zip(bounds, st["cumulative"]):
-                    lines.append(f'{metric}_bucket{{stage="{stage}",le="{_le(bound)}"}} {cum}')
-                lines.append(f'{metric}_sum{{stage="{stage}"}} {_fmt(st["sum_ms"])}')
-                lines.append(f'{metric}_count{{stage="{stage}"}} {st["count"]}')
-        for name in sorted(counters):
-            metric = f"{prefix}{name}_total"
-            lines += [
-                f"# HELP {metric} Count of {name.replace('_', ' ')}.",
-                f"# TYPE {metric} counter",
-                f"{metric} {_fmt(counters[name].value)}",
-            ]
-        for name in sorted(gauges):
-            metric = f"{prefix}{name}"
-            lines += [
-                f"# HELP {metric} Current {name.replace('_', ' ')}.",
-                f"# TYPE {metric} gauge",
-                f"{metric} {_fmt(gauges[name].value)}",
-            ]
-        metric = f"{prefix}fps"
-        lines += [
-            f"# HELP {metric} Video frames output per second over the last {_fmt(self.fps_window_s)} s.",
-            f"# TYPE {metric} gauge",
-            f"{metric} {_fmt(self.fps())}",
-        ]
-        return "\n".join(lines) + "\n"
+        self.registry = CollectorRegistry() if registry is None else registry  # what exposition() writes
+        self.prefix = prefix  # of every series' name
+        if process:  # the client's defaults: process_* (RSS, CPU, fds, start time), python_info, python_gc_*
+            prometheus_client.ProcessCollector(registry=self.registry)
+            prometheus_client.PlatformCollector(registry=self.registry)
+            prometheus_client.GCCollector(registry=self.registry)
+        self._lock = threading.Lock()
+        self._stages = prometheus_client.Histogram(
+            f"{prefix}stage_seconds", "Wall time of one call of a pipeline stage, in seconds.", ["stage"],
+            buckets=STAGE_BUCKETS_S, registry=self.registry)
+        self._latencies = {stage: prometheus_client.Histogram(f"{prefix}{name}", help_, buckets=LATENCY_BUCKETS_S, registry=self.registry)
+                           for stage, (name, help_) in LATENCY_STAGES.items()}
+        self._counters: dict[str, prometheus_client.Counter] = {}
+        for stage in EXPORTED_STAGES:
+            self._stages.labels(stage=stage)
+        for name in EXPORTED_COUNTERS:
+            self._counter(name)
 
+    def _counter(self, name: str) -> prometheus_client.Counter:
+        with self._lock:
+            c = self._counters.get(name)
+            if c is None:  # prometheus_client appends _total
+                c = self._counters[name] = prometheus_client.Counter(
+                    f"{self.prefix}{_check_name(name)}", f"Count of {name.replace('_', ' ')}.", registry=self.registry)
+            return c
 
-def _le(bound: float) -> str:
-    """A bucket bound as an ``le`` label value (Prometheus clients write 1.0, 0.5, +Inf)."""
-    return "+Inf" if math.isinf(bound) else repr(float(bound))
+    def stage_sink(self, stage: str) -> Callable[[float], None]:
+        """What a pipeline's histogram of ``stage`` tells each observation (ms) to: a histogram in seconds."""
+        latency = self._latencies.get(stage)
+        if latency is not None:
+            return lambda ms: latency.observe(max(0.0, ms) / 1000.0)
+        child = self._stages.labels(stage=stage)
+        return lambda ms: child.observe(ms / 1000.0)
+
+    def counter_sink(self, name: str) -> Callable[[float], None]:
+        """What a pipeline's counter ``name`` tells each increment to."""
+        return self._counter(name).inc
+
+    def exposition(self) -> tuple[bytes, str]:
+        """(the registry in the Prometheus text format, its Content-Type)."""
+        return prometheus_client.generate_latest(self.registry), prometheus_client.CONTENT_TYPE_LATEST

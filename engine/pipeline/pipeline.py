@@ -19,7 +19,20 @@ Real-time mode (``realtime=True``, live sources):
   (the portrait, blinking; no model runs) goes out every frame period, carrying silence: the
   stream never stalls. When audio comes back the timeline starts afresh (a new utterance).
 - *Tail*: when the source stops mid-utterance for ``idle_fill_ms``, the frames still waiting for
-  their lookahead are completed with silence.
+  their lookahead are completed with silence. For a live source (``AudioSource.live``: microphone,
+  WebRTC track, paced file) "stops" is: no chunk for ``idle_fill_ms``. Pushed audio (a voice agent's
+  TTS in pieces of 10 ms to seconds, the server's HTTP and WebSocket pushes in pieces of up to 100 ms)
+  comes in bursts and carries its own timeline, a playout clock: each 10 ms chunk covers 10 ms of
+  real time from where the previous one ran out (or from its arrival, if later), so a piece of N ms
+  covers N ms and the gap before the next piece is not silence: nothing is made up or idle inside
+  an utterance pushed in real time (tests/test_pipeline_push.py).
+- *Due times* (latency, "behind"): a frame's audio is due at its place on the utterance's clock,
+  or at its arrival if later. The clock of pushed audio is a playout clock: it starts at the first
+  arrival (audio pushed ahead is not behind) and moves on when a piece comes later than its place
+  (after a stall, or after silence made up for one), never back: due times follow the output's
+  real delay and never drift away from it. A live source is never ahead: its clock is dated by the chunk that
+  came earliest for its place (a burst, e.g. a WebRTC track's packets queued before the pipeline
+  read them, is audio that waited, not audio ahead).
 - *Silence inside a stream* (a microphone between words): VAD (with hangover) marks the frames;
   silent frames are idle frames (audio features and A2L still run, so state stays continuous).
 - *Falling behind*: the audio-in to frame-out latency of every frame is measured; above the
@@ -78,7 +91,7 @@ class PipelineConfig:
     degrade: bool = True  # real time only: fewer steps, then dropped frames, when behind
     max_backlog_frames: int = 3  # ready frames waiting beyond this are dropped
     recover_frames: int = 25  # consecutive frames within budget before one step is given back
-    idle_fill_ms: float = 60.0  # a source this late completes the waiting frames with silence / starts idle frames
+    idle_fill_ms: float = 60.0  # a source quiet this long after its audio ran out in real time completes the waiting frames with silence / starts idle frames
     speech_pad_frames: int = 2  # a frame counts as speech if VAD heard speech within this many frames of it
     vad: VadConfig = field(default_factory=VadConfig)
     use_vad: bool = True  # False: every frame with audio is generated (no idle frames from silence)
@@ -137,6 +150,11 @@ class Pipeline:
         self.gen = FrameGenerator(runtime, avatar, steps=config.steps, seed=config.seed, blinks=config.blinks,
                                   head_motion=config.head_motion, articulation_gain=config.articulation_gain)
         self.full_steps = self.gen.steps
+        # the provenance watermark, on every path's frames (issue 17); imported here, not at the first frame, where its
+        # ~0.1 s of imports (scipy.fft) stalled the event loop and with it pushed audio's arrival (a made-up silence)
+        from engine.provenance.stamp import stamp
+
+        self._stamp = stamp
         self.steps = self.full_steps  # current steps (degradation lowers it)
         # two stages in two threads, so that frame k is composed while frame k+1 is denoised:
         # A = features, A2L, warp, denoiser steps (sequential: each frame needs the previous latent);
@@ -156,6 +174,7 @@ class Pipeline:
         self._need = probe.need_samples  # samples frame k waits for
         self.lookahead_ms = probe.lookahead_ms  # the audio lookahead: the latency floor before compute
         self._closed = False
+        self._live = False  # the source is captured live (AudioSource.live; set by start()): see _ingest
         self._segment_open = False  # audio of a source segment was ingested and its end was not (yet)
         self._ends_pending = 0  # segment ends ingested whose FINISHED frame the consumer has not taken yet
         self._late_markers: deque[SegmentEnd] = deque()  # markers for the next frames out (one per frame)
@@ -181,8 +200,8 @@ class Pipeline:
         self._ended = False  # the source ended (no more audio, ever)
         self._reset_worker = True  # the worker starts fresh features, A2L state and previous output
         self._real_samples = 0  # samples of the timeline that came from the source (not silence filled in)
-        self._seg_t0: float | None = None  # when this utterance's sample 0 was due in real time (its first arrival)
-        self._last_input_s: float | None = None
+        self._seg_t0: float | None = None  # when this utterance's sample 0 was due in real time (its clock: see _ingest)
+        self._src_end_s: float | None = None  # when the source's audio so far ran out in real time (quiet after it)
 
     # -- public API --
     def start(self, source: AudioSource) -> None:
@@ -190,6 +209,7 @@ class Pipeline:
         if self._source is not None:
             raise RuntimeError("Pipeline.start() was already called")
         self._source = source
+        self._live = bool(getattr(source, "live", True))
         loop = asyncio.get_running_loop()
         self.started_s = loop.time()
         for coro in (self._read(), self._run(), self._emit_loop()):
@@ -309,8 +329,13 @@ class Pipeline:
                 self._end_segment(self._real_samples)
             return
         s = self._n_samples
-        if self._seg_t0 is None:
-            self._seg_t0 = arrived_s - s / SAMPLE_RATE_HZ
+        t0 = arrived_s - s / SAMPLE_RATE_HZ  # when sample 0 was due, were this chunk on time
+        if self._seg_t0 is None:  # the utterance's first audio
+            self._seg_t0 = t0
+        elif self._live:  # captured live, never ahead of real time: a burst is audio that waited, the earliest chunk dates the rest
+            self._seg_t0 = min(self._seg_t0, t0)
+        else:  # pushed: it plays at its place on its own timeline (after any silence made up), or from its arrival if
+            self._seg_t0 = max(self._seg_t0, t0)  # later: a late piece moves the clock on (never back), an early one is ahead
         speaking = self._vad.process(chunk) if self.config.use_vad else True
         self._arrivals.append((s, arrived_s))
         self._speech.append((s, speaking))
@@ -318,7 +343,11 @@ class Pipeline:
         self._pending.append(chunk.pcm)
         self._n_samples += CHUNK_SAMPLES
         self._real_samples = self._n_samples
-        self._last_input_s = arrived_s
+        if self._live:  # a live source is quiet from its last chunk's arrival
+            self._src_end_s = arrived_s
+        else:  # pushed audio's own timeline: a chunk covers 10 ms from where the previous one ran out, or from its arrival
+            # if later (a piece of N ms pushed at once covers N ms: the gap before the next piece is no silence)
+            self._src_end_s = max(arrived_s if self._src_end_s is None else self._src_end_s, arrived_s) + CHUNK_SAMPLES / SAMPLE_RATE_HZ
         self._segment_open = True
         if chunk.end_of_segment:
             self._end_segment(s + chunk.valid_samples)
@@ -345,6 +374,11 @@ class Pipeline:
             self._audio.append((s, zeros))
             self._pending.append(zeros)
             self._n_samples += CHUNK_SAMPLES
+
+    def _quiet_for(self, now: float) -> float:
+        """Seconds the source has been quiet at ``now``: since its audio ran out in real time (negative
+        while pushed audio still covers ``now``; infinite before any audio of this utterance)."""
+        return float("inf") if self._src_end_s is None else now - self._src_end_s
 
     def _ready(self, k: int) -> bool:
         if self._ended:
@@ -405,7 +439,7 @@ class Pipeline:
                 await self._inflight.put(_END)
                 return
             if self.config.realtime:
-                late = self._last_input_s is None or now - self._last_input_s > self.config.idle_fill_ms / 1000.0
+                late = self._quiet_for(now) > self.config.idle_fill_ms / 1000.0
                 has_tail = self._real_samples > self._k * self.frame_samples
                 if late and has_tail:  # 3. the source went quiet mid-utterance: complete the waiting frames with silence
                     self._fill_silence(self._need(self._k), now)
@@ -418,7 +452,8 @@ class Pipeline:
                     await self._put_idle(loop)  # A resets at the next utterance
                     next_idle = max(next_idle + period, loop.time() - period)
                     continue
-                timeout = max(0.0, min(next_idle - now, (self._last_input_s or now) + self.config.idle_fill_ms / 1000.0 - now)) + 1e-3
+                until_late = self.config.idle_fill_ms / 1000.0 - self._quiet_for(now)  # <= 0: late already (or no audio)
+                timeout = max(0.0, min(next_idle - now, until_late if until_late > 0 else period)) + 1e-3
             else:
                 timeout = None
             self._wake.clear()
@@ -530,10 +565,8 @@ class Pipeline:
 
     async def _emit(self, image: np.ndarray, audio: np.ndarray, kind: str, steps: int, arrival: float | None,
                     due: float | None = None, end: SegmentEnd | None = None) -> None:
-        from engine.provenance.stamp import stamp  # the provenance watermark, on every path's frames (issue 17)
-
         clears = self._clears
-        image = await asyncio.get_running_loop().run_in_executor(None, stamp, self, image)  # ~1 ms at 512 px, off the loop
+        image = await asyncio.get_running_loop().run_in_executor(None, self._stamp, self, image)  # ~1 ms at 512 px, off the loop
         if clears != self._clears:  # a barge-in came while it was marked
             return
         if end is not None:  # markers go out in order, one per frame

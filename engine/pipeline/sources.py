@@ -20,12 +20,11 @@ no tail is lost. Stereo is mixed down as :func:`engine.audio.decode.decode_audio
 from __future__ import annotations
 
 import asyncio
-import functools
-import math
 import os
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +34,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from engine.audio.decode import decode_audio
+from engine.audio.decode import AudioBlocks
 from engine.errors import AvatarInputError
 
 SAMPLE_RATE_HZ = 16000  # every source yields audio at this rate
@@ -213,6 +212,12 @@ class AudioSource(ABC):
     Use ``async for chunk in source`` and ``await source.aclose()`` (or ``async with source``).
     """
 
+    # True: each chunk is released as its audio is captured (a microphone, a WebRTC track, a file paced
+    # in real time), never ahead of real time, so a burst of chunks is audio that waited. False: the
+    # audio carries its own timeline and may come ahead of it, in bursts (pushed TTS; a file read as
+    # fast as taken): a burst of N ms covers the next N ms. The pipeline's clock reads it.
+    live: bool = True
+
     def __aiter__(self) -> AudioSource:
         return self
 
@@ -234,59 +239,70 @@ class AudioSource(ABC):
 class FileSource(AudioSource):
     """The audio of a media file as one segment, paced in real time or as fast as consumed.
 
-    The file is decoded (with :func:`engine.audio.decode.decode_audio`, in an executor) at the
-    first ``__anext__``, which therefore raises its errors (UnreadableMediaError,
-    NoAudioStreamError, EmptyAudioError). With ``realtime=True`` chunk k is released at
-    ``t0 + k * 10 ms`` on the event loop's clock, t0 being when chunk 0 was released; deadlines
-    are absolute, so no drift accumulates, and a consumer that stalls receives the chunks that
-    fell due at once rather than shifting the rest of the file later.
+    The file is decoded incrementally (:class:`engine.audio.decode.AudioBlocks`, in an executor,
+    about ``read_ahead_s`` at a time, only when the chunks decoded before are all taken), so memory
+    is flat in the file's length: an hour of audio holds what a second does. The first
+    ``__anext__`` raises the errors found on opening (UnreadableMediaError, NoAudioStreamError,
+    EmptyAudioError); a decoding failure or a truncation (the container promised more) is raised
+    where it is found, by the ``__anext__`` that reaches it. With ``realtime=True`` chunk k is
+    released at ``t0 + k * 10 ms`` on the event loop's clock, t0 being when chunk 0 was released;
+    deadlines are absolute, so no drift accumulates, and a consumer that stalls receives the chunks
+    that fell due at once rather than shifting the rest of the file later.
     """
 
-    def __init__(self, path: str | os.PathLike, *, realtime: bool) -> None:
+    def __init__(self, path: str | os.PathLike, *, realtime: bool, read_ahead_s: float = 1.0) -> None:
+        if not read_ahead_s > 0:
+            raise ValueError(f"read_ahead_s must be positive, got {read_ahead_s}")
         self.path = Path(path)  # the media file (any container PyAV opens with an audio stream)
         self.realtime = realtime  # pace chunks at 10 ms on the loop clock, else as fast as taken
-        self._wave: np.ndarray | None = None  # (N,) float32 at 16 kHz, after the first __anext__
-        self._n_chunks = 0  # ceil(N / 160)
+        self.live = realtime  # paced: released as if captured; else ahead of real time (AudioSource.live)
+        self.read_ahead_s = read_ahead_s  # decoded per executor call (and so held at most, plus one block)
+        self._decoder: AudioBlocks | None = None
+        self._blocks: Iterator[np.ndarray] | None = None  # the decoder's iterator, after the first __anext__
+        self._held: np.ndarray | None = None  # the last block decoded, held until it is known whether it is the file's last
+        self._rechunker = Rechunker()
+        self._ready: deque[AudioChunk] = deque()  # chunks decoded and not yet yielded
+        self._decoded_all = False  # the decoder is exhausted: the last chunk is cut (and flagged)
         self._index = 0  # index of the next chunk to yield
         self._t0: float | None = None  # loop time at which chunk 0 was released
         self._closed = False
 
     @property
     def duration_s(self) -> float | None:
-        """Duration of the decoded audio in seconds (None until the first chunk was asked for)."""
-        return None if self._wave is None else self._wave.size / SAMPLE_RATE_HZ
+        """Duration of the decoded audio in seconds, once the whole file was decoded (None before)."""
+        return self._decoder.samples / SAMPLE_RATE_HZ if self._decoded_all and self._decoder is not None else None
 
-    async def _load(self) -> None:
-        loop = asyncio.get_running_loop()
-        wave = await loop.run_in_executor(
-            None, functools.partial(decode_audio, self.path, sample_rate_hz=SAMPLE_RATE_HZ)
-        )
-        self._wave = np.clip(wave, -1.0, 1.0).astype(np.float32, copy=False)
-        self._wave.setflags(write=False)
-        self._n_chunks = math.ceil(self._wave.size / CHUNK_SAMPLES)
-
-    def _chunk(self, k: int) -> AudioChunk:
-        assert self._wave is not None
-        start = k * CHUNK_SAMPLES  # sample counter: the chunk's first sample
-        pcm = self._wave[start : start + CHUNK_SAMPLES]
-        valid = int(pcm.size)
-        if valid < CHUNK_SAMPLES:
-            pcm = np.concatenate([pcm, np.zeros(CHUNK_SAMPLES - valid, dtype=np.float32)])
-            pcm.setflags(write=False)
-        return AudioChunk(
-            pcm=pcm,
-            pts_s=start / SAMPLE_RATE_HZ,
-            end_of_segment=k == self._n_chunks - 1,
-            valid_samples=valid,
-        )
+    def _decode_more(self) -> list[AudioChunk]:
+        """In an executor: about ``read_ahead_s`` more chunks; the file's last chunk carries end_of_segment."""
+        if self._blocks is None:
+            self._decoder = AudioBlocks(self.path, sample_rate_hz=SAMPLE_RATE_HZ)
+            self._blocks = iter(self._decoder)
+        blocks, out = self._blocks, []
+        want = max(1, int(self.read_ahead_s * SAMPLE_RATE_HZ) // CHUNK_SAMPLES)
+        while len(out) < want and not self._closed:
+            try:
+                block = next(blocks)
+            except StopIteration:
+                out.extend(self._rechunker.push(self._held if self._held is not None else np.zeros(0, np.float32), end_of_segment=True))
+                self._held, self._decoded_all = None, True
+                break
+            if self._held is not None:
+                out.extend(self._rechunker.push(self._held))
+            self._held = block
+        return out
 
     async def __anext__(self) -> AudioChunk:
         if self._closed:
             raise StopAsyncIteration
-        if self._wave is None:
-            await self._load()
-        if self._closed or self._index >= self._n_chunks:
-            raise StopAsyncIteration
+        if not self._ready:
+            if self._decoded_all:
+                raise StopAsyncIteration
+            chunks = await asyncio.get_running_loop().run_in_executor(None, self._decode_more)
+            if self._closed:
+                raise StopAsyncIteration
+            self._ready.extend(chunks)
+            if not self._ready:
+                raise StopAsyncIteration
         if self.realtime:
             loop = asyncio.get_running_loop()
             if self._t0 is None:
@@ -296,13 +312,14 @@ class FileSource(AudioSource):
                 await asyncio.sleep(delay_s)
             if self._closed:
                 raise StopAsyncIteration
-        chunk = self._chunk(self._index)
         self._index += 1
-        return chunk
+        return self._ready.popleft()
 
     async def aclose(self) -> None:
         self._closed = True
-        self._wave = None  # free the decoded audio; __anext__ checks _closed first
+        self._ready.clear()
+        self._held = None
+        self._blocks = None  # the decoder closes its file when dropped (after a decode still running, if any)
 
 
 def _is_int(value: object) -> bool:
@@ -321,6 +338,8 @@ class PushSource(AudioSource):
     ``pts_s`` counts the samples *yielded*: :meth:`clear_buffer` rewinds the counter to the first
     dropped chunk, so the yielded chunks always tile the media clock without gaps.
     """
+
+    live = False  # pushed audio comes ahead of real time, in pieces that each cover their own duration
 
     def __init__(self, *, max_buffer_s: float = 10.0) -> None:
         if not max_buffer_s > 0:
