@@ -46,6 +46,7 @@ import math
 import re
 import secrets
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,9 @@ class ServerConfig:
     max_upload_bytes: int = 10 * 2**20  # a portrait upload at most (413 beyond)
     max_json_bytes: int = 256 * 2**10  # an offer or other JSON body at most (an SDP is a few kB)
     max_ws_message_bytes: int = 2**20  # one WebSocket message at most
+    max_ws_per_session: int = 2  # WebSockets pushing into one session at once (429 beyond)
+    ws_control_rate_per_s: float = 20.0  # JSON control messages per second on one WebSocket, sustained
+    ws_control_burst: int = 50  # ... and in a burst; beyond, the socket is closed (1008) and the session keeps streaming
     max_steps: int = 16  # an offer's "steps" at most
     retry_after_s: int = 10  # the Retry-After of a 503 at capacity
     push_wait_s: float = 30.0  # a push waits this long at most for room in the session's buffer (503 beyond)
@@ -392,11 +396,25 @@ async def _audio_ws(request: web.Request) -> web.WebSocketResponse:
             pusher = PcmPusher(src, *_pcm_format(request.query["rate"], request.query.get("channels")), wait_s=st.config.push_wait_s)
         except ValueError as e:
             raise _json_error(web.HTTPBadRequest, str(e)) from None
+    if s.websocket_count() >= st.config.max_ws_per_session:
+        raise _json_error(web.HTTPTooManyRequests, f"this session already has {s.websocket_count()} audio WebSockets "
+                                                   f"(at most {st.config.max_ws_per_session}); close one first")
     ws = web.WebSocketResponse(max_msg_size=st.config.max_ws_message_bytes, heartbeat=30.0)
     await ws.prepare(request)
     s.attach_websocket(ws)
+    tokens, last = float(st.config.ws_control_burst), time.monotonic()  # a token bucket for control messages
     try:
         async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                now = time.monotonic()
+                tokens = min(float(st.config.ws_control_burst), tokens + (now - last) * st.config.ws_control_rate_per_s)
+                last = now
+                if tokens < 1.0:
+                    log.info("session %s: a WebSocket sent more than %.0f control messages a second; closed", s.id,
+                             st.config.ws_control_rate_per_s)
+                    await ws.close(code=1008, message=b"too many control messages: at most %d a second" % int(st.config.ws_control_rate_per_s))
+                    break
+                tokens -= 1.0
             if msg.type == WSMsgType.BINARY:
                 if pusher is None:
                     await ws.close(code=1008, message=b"send {\"rate\": <Hz>, \"channels\": <n>} (or ?rate=) before PCM")

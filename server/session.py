@@ -214,6 +214,9 @@ class Session:
     def detach_websocket(self, ws: Any) -> None:
         self._websockets.discard(ws)
 
+    def websocket_count(self) -> int:
+        return len(self._websockets)
+
     def describe(self) -> dict:
         p = self.pipeline
         return {"session_id": self.id, "avatar": self.avatar_id, "input": self.input, "state": self.state,

@@ -213,3 +213,42 @@ def test_hostile_inputs_are_clear_4xx_and_the_session_beside_them_streams(rig, c
 
     aio.run(run(), 120)
     assert _server_errors(caplog) == []
+
+
+def test_websockets_per_session_are_capped_and_a_control_flood_is_cut_off(rig, caplog):
+    """Two audio WebSockets per session at most (429 beyond); a flood of control messages (the issue's
+    170k interrupts in 5 s) closes that socket with 1008 within its burst, and the server stays
+    healthy: /healthz answers quickly and the session goes on streaming."""
+    async def run():
+        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http, serving(rig, max_sessions=1) as (base, app):
+            st = app[STATE]
+            peer = Peer()
+            assert (await peer.offer(http, base)).status == 200
+            url = f"{base}/sessions/{peer.session_id}/audio/ws"
+            async with http.ws_connect(url) as ws1, http.ws_connect(url) as ws2:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                    await http.ws_connect(url)
+                assert e.value.status == 429
+                await ws2.send_str(json.dumps({"type": "interrupt"}))
+                assert (await asyncio.wait_for(ws2.receive_json(), 10.0))["type"] == "interrupted"
+                for _ in range(400):  # a flood: far beyond the burst of 50
+                    await ws1.send_str(json.dumps({"type": "interrupt"}))
+                closed_by = None
+                deadline = time.monotonic() + 10.0
+                while time.monotonic() < deadline:
+                    m = await asyncio.wait_for(ws1.receive(), 10.0)
+                    if m.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                        closed_by = (m.data, m.extra)
+                        break
+                assert closed_by is not None and closed_by[0] == 1008 and "too many control messages" in (closed_by[1] or "")
+                t0 = time.monotonic()
+                health = await http.get(f"{base}/healthz")
+                assert health.status == 200 and time.monotonic() - t0 < 2.0
+                await ws2.send_str(json.dumps({"type": "interrupt"}))  # the other socket still works
+                assert (await asyncio.wait_for(ws2.receive_json(), 10.0))["type"] == "interrupted"
+            assert st.sessions[peer.session_id].state in ("connecting", "streaming")
+            await http.delete(f"{base}/sessions/{peer.session_id}")
+            await peer.close()
+
+    aio.run(run(), 90)
+    assert _server_errors(caplog) == []
