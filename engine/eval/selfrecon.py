@@ -155,7 +155,7 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
         w = torch.from_numpy(np.stack([patch_mask(store.landmarks[seg.start + f] * s, s) for f in range(n)]))[:, None]
         row = {"segment": seg.name, "frames": n}
         gt_jitter = None
-        gt_open = gt_sharp = None
+        gt_open = None
         sharp_r = sharpness(crop_r)
         lip_px = lm_r[index_sets()["lips"]] * s
         pad = 0.25 * (lip_px[:, 0].max() - lip_px[:, 0].min())

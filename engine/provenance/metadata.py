@@ -18,7 +18,6 @@ Two layers, both written by ``avatar render``:
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import logging
 import os

@@ -7,7 +7,6 @@ landmark error in pixels of the 256 px crop, beside the static baseline (the ref
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
