@@ -383,6 +383,9 @@ async def _push_audio(request: web.Request) -> web.Response:
             src.end_of_segment()
     except RuntimeError:  # the source was closed: the session closed under the push
         raise _json_error(web.HTTPGone, f"session {s.id} closed during the push") from None
+    except ConnectionResetError:  # the client left mid-push (aiohttp's ClientConnectionResetError too): one line, no traceback
+        log.info("session %s: the client left during an audio push (%.2f s of audio received)", s.id, pusher.seconds)
+        return web.Response(status=400, text="the client left during the push")
     return web.json_response({"session_id": s.id, "pushed_s": round(pusher.seconds, 4)})
 
 

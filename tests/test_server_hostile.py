@@ -252,3 +252,31 @@ def test_websockets_per_session_are_capped_and_a_control_flood_is_cut_off(rig, c
 
     aio.run(run(), 90)
     assert _server_errors(caplog) == []
+
+
+def test_a_client_that_leaves_mid_push_is_one_info_line(rig, caplog):
+    """A pusher whose connection drops in the middle of a POST of audio: one info line from the server,
+    no traceback, and the session goes on."""
+    caplog.set_level(logging.INFO)
+
+    async def run():
+        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http, serving(rig, max_sessions=1) as (base, app):
+            peer = Peer()
+            assert (await peer.offer(http, base)).status == 200
+            host, port = base[len("http://"):].split(":")
+            for _ in range(3):
+                _, w = await asyncio.open_connection(host, int(port))
+                w.write(f"POST /sessions/{peer.session_id}/audio?rate=16000 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        f"Content-Length: 1000000\r\n\r\n".encode() + b"\0" * 3200)
+                await w.drain()
+                await asyncio.sleep(0.2)
+                w.transport.abort()  # gone mid-body
+            await asyncio.sleep(0.5)
+            assert app[STATE].sessions[peer.session_id].state in ("connecting", "streaming")
+            await http.delete(f"{base}/sessions/{peer.session_id}")
+            await peer.close()
+
+    aio.run(run(), 60)
+    assert _server_errors(caplog) == []
+    left = [r for r in caplog.records if "left during an audio push" in r.getMessage()]
+    assert len(left) == 3 and all(r.levelno == logging.INFO and not r.exc_info for r in left)
