@@ -4,19 +4,17 @@ marks its frames, `avatar verify` on a rendered file and on an unmarked one, C2P
 read. Robustness and false-positive rates are measured in benchmarks/watermark.py."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import wave
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
 
 from engine.cli import DEMO, main
+from benchmarks.watermark import codec_roundtrip
 from engine.provenance.payload import Payload
 from engine.provenance.watermark import Watermarker, detect
 
@@ -43,24 +41,6 @@ def _moving(image: np.ndarray, n: int) -> list[np.ndarray]:
         m[:, 2] += (1.5 * np.sin(i / 3), 1.0 * np.cos(i / 4))
         out.append(cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT))
     return out
-
-
-def _h264(frames: list[np.ndarray], bitrate: int) -> list[np.ndarray]:
-    buf = io.BytesIO()
-    h, w = frames[0].shape[:2]
-    with av.open(buf, "w", format="mp4") as c:
-        s = c.add_stream("libx264", rate=Fraction(25), options={"preset": "veryfast"})
-        s.width, s.height, s.pix_fmt, s.bit_rate = w, h, "yuv420p", bitrate
-        for i, f in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-            vf.pts = i
-            for p in s.encode(vf):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    buf.seek(0)
-    with av.open(buf) as c:
-        return [f.to_ndarray(format="gray") for f in c.decode(video=0)]
 
 
 def test_payload_round_trip_and_crc_rejects_a_flipped_bit():
@@ -95,7 +75,7 @@ def test_embed_is_invisible_cheap_and_decodes_on_synthetic_and_real_frames(portr
 def test_decodes_after_h264_at_1_mbit_and_after_a_crop(portrait):
     wm = Watermarker(PAYLOAD)
     marked = [wm.embed(f) for f in _moving(portrait, 25)]
-    d = detect(_h264(marked, 1_000_000))
+    d = detect(codec_roundtrip(marked, "libx264", 1_000_000))
     assert d.found and d.payload == PAYLOAD and d.bit_margin > 2.0, d.bit_margin
     crop = [m[26:-26, 26:-26] for m in marked[:10]]  # 10 % off each side's length, native scale
     d = detect(crop, anisotropic=False)
