@@ -1,7 +1,7 @@
 """An avatar: a portrait prepared once (face found, aligned, its mouth-region latent encoded)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -11,7 +11,7 @@ import torch
 from engine.errors import UnreadableMediaError
 from engine.face.align import AlignConfig, fit_transform, warp_to_crop
 from engine.face.landmarks import FaceOptions, landmarks_for_image
-from engine.face.region import extract_patch, patch_mask, to_patch_units
+from engine.face.region import LOWER_FACE, Region, extract_patch, patch_mask, to_patch_units
 
 MAX_SIDE_PX = 1280  # portraits are scaled down to this longest side (the output video's size)
 
@@ -47,16 +47,23 @@ class Avatar:
     landmarks: np.ndarray  # (478, 2) landmarks in crop units
     latent: torch.Tensor  # (1, C, s, s) the patch's latent
     notes: list[str]
+    region: Region = field(default=LOWER_FACE)  # the generated patch (the bundle's)
 
     @property
     def crop_size_px(self) -> int:
         return self.crop.shape[0]
 
     def landmarks_patch_units(self) -> np.ndarray:
+        """All landmarks in landmark units (the lower_face square's, whatever the region)."""
         return to_patch_units(self.landmarks)
 
     def mask(self) -> np.ndarray:
-        return patch_mask(self.landmarks * self.crop_size_px, self.crop_size_px)
+        """The region's repaint mask (P, P) of the portrait itself."""
+        return patch_mask(self.landmarks * self.crop_size_px, self.crop_size_px, region=self.region)
+
+    def patch(self) -> np.ndarray:
+        """The region's patch (P, P, 3) of the aligned crop."""
+        return extract_patch(self.crop, self.region)
 
 
 def encode_patch(runtime, patch: np.ndarray) -> torch.Tensor:
@@ -65,12 +72,18 @@ def encode_patch(runtime, patch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(runtime["encoder"].infer({"image": x.astype(np.float32)})["z"])
 
 
-def prepare_avatar(image: np.ndarray, runtime, *, crop_size_px: int = 256, opts: FaceOptions = FaceOptions(), what: str = "portrait") -> Avatar:
+def prepare_avatar(image: np.ndarray, runtime, *, crop_size_px: int | None = None, opts: FaceOptions = FaceOptions(),
+                   what: str = "portrait") -> Avatar:
     """Find the face (raises NoFaceError, MultipleFacesError, FaceTooSmallError...), align, encode
-    (``runtime``: an ``engine.runtime.Runtime``)."""
+    (``runtime``: an ``engine.runtime.Runtime``). The crop size and the region are the runtime's
+    bundle's (``crop_size_px`` overrides the size; 256 without a bundle)."""
+    bundle = getattr(runtime, "bundle", None)
+    region = bundle.region if bundle is not None else LOWER_FACE
+    if crop_size_px is None:
+        crop_size_px = bundle.crop_size_px if bundle is not None else 256
     lm, notes = landmarks_for_image(image, opts, what=what)
     cfg = AlignConfig(crop_size_px=crop_size_px, stabilise_sigma_frames=0.0)
     m = fit_transform(lm, cfg)
     crop = warp_to_crop(image, m, cfg)
     lm_crop = (lm[:, :2] @ m[:, :2].T + m[:, 2]) / crop_size_px
-    return Avatar(image, m, crop, lm_crop.astype(np.float32), encode_patch(runtime, extract_patch(crop)), notes)
+    return Avatar(image, m, crop, lm_crop.astype(np.float32), encode_patch(runtime, extract_patch(crop, region)), notes, region)

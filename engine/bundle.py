@@ -102,6 +102,13 @@ class Bundle:
     def crop_size_px(self) -> int:
         return int(self.manifest["crop_size_px"])
 
+    @property
+    def region(self):
+        """The patch the autoencoder and the denoiser work on (engine/face/region.py): manifest "region", default lower_face."""
+        from engine.face.region import region_named
+
+        return region_named(self.manifest.get("region"))
+
     def __getattr__(self, name: str):
         models = self.__dict__.get("models", {})
         if name in models:
@@ -192,7 +199,7 @@ def _check_compatible(b: Bundle) -> None:
         problems.append(f"denoiser n_landmarks {den.n_landmarks} != a2l {a2l.n_landmarks}")
     if den.latent_channels != ae.latent_channels or den.latent_size != ae.latent_size:
         problems.append(f"denoiser latent {den.latent_channels}x{den.latent_size} != autoencoder {ae.latent_channels}x{ae.latent_size}")
-    if patch_box(b.crop_size_px)[2] != ae.image_size_px:
-        problems.append(f"autoencoder image size {ae.image_size_px} != the patch of a {b.crop_size_px} px crop")
+    if patch_box(b.crop_size_px, b.region)[2] != ae.image_size_px:
+        problems.append(f"autoencoder image size {ae.image_size_px} != the {b.region.name} patch of a {b.crop_size_px} px crop")
     if problems:
         raise BundleError(f"{b.path}: models do not fit together: " + "; ".join(problems))

@@ -17,7 +17,7 @@ from engine.avatar import Avatar, encode_patch
 from engine.compositor import InteriorConfig, interior_mask, new_interior
 from engine.face.paste import paste_back
 from engine.face.pixel_warp import PixelWarpConfig, PortraitWarp
-from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, pool_mask, warp_indices
+from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, pool_mask, to_patch_units, warp_indices
 from engine.models.denoiser import latent_mask
 from engine.motion.articulation import Articulation
 from engine.motion.blink import BlinkSampler, close_eyes
@@ -72,6 +72,10 @@ class FrameGenerator:
         self.moving = np.asarray(self.a2l_cfg.landmark_indices)
         self.ref_all = torch.from_numpy(avatar.landmarks_patch_units())[None]  # (1, 478, 2)
         self.ref_moving = self.ref_all[:, self.moving]  # (1, K, 2)
+        self.region = avatar.region
+        if self.region != bundle.region:
+            raise ValueError(f"the avatar was prepared for the {avatar.region.name} region, the bundle generates {bundle.region.name}: "
+                             "prepare it with this bundle's runtime")
         art = bundle.articulation
         if articulation_gain is not None:
             if not 0.0 < articulation_gain <= 4.0:
@@ -94,7 +98,7 @@ class FrameGenerator:
         src_int = interior_mask(avatar.landmarks, avatar.crop_size_px, dataclasses.replace(interior, dilate=0.0))
         self.source_interior = src_int if src_int.any() else None
         self.avatar_mask = avatar.mask()  # (P, P)
-        self.avatar_patch = extract_patch(avatar.crop).astype(np.float32)  # (P, P, 3)
+        self.avatar_patch = avatar.patch().astype(np.float32)  # (P, P, 3)
         self.blinks = BlinkSampler(bundle.blink_prior, bundle.fps, seed) if blinks else None
         self.sway = _sway_for(avatar, bundle.fps, seed, bundle.head_motion) if head_motion else None
         self.frame_index = 0  # frames made so far (the sway's clock)
@@ -151,7 +155,7 @@ class FrameGenerator:
         s = av.crop_size_px
         lm_all = self.ref_all.clone()
         lm_all[:, self.moving] = lm_moving[None]
-        px_mask = np.maximum(self.avatar_mask, patch_mask(from_patch_units(lm_all[0].numpy()) * s, s))  # (P, P)
+        px_mask = np.maximum(self.avatar_mask, patch_mask(from_patch_units(lm_all[0].numpy()) * s, s, region=self.region))  # (P, P)
         with torch.no_grad():
             m_lat = latent_mask(torch.from_numpy(pool_mask(px_mask, self.ae_cfg.downsample))[None, None], self.den_cfg.mask_dilate_cells)
         if self.pixel_warp is not None and self.pixel_reference == "encode":
@@ -159,13 +163,13 @@ class FrameGenerator:
             # frame's landmarks say) and encoded, so that what it paints lines up with the interior mask
             mx, my = self.pixel_warp.crop_maps(from_patch_units(lm_all[0].numpy()), s)
             warped_crop = cv2.remap(av.crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            reference = encode_patch(self.runtime, extract_patch(warped_crop)).numpy()
+            reference = encode_patch(self.runtime, extract_patch(warped_crop, self.region)).numpy()
         elif self.pixel_warp is not None and self.pixel_reference == "latent":
             # the same: the pixel flow applied to the portrait's latent at its own resolution (no encoder run)
             reference = self._latent_reference(from_patch_units(lm_all[0].numpy()))
-        else:
-            reference = self.g_warp.infer({"x": av.latent.numpy(), "src": self.ref_all[:, self.warp_idx].numpy(),
-                                           "dst": lm_all[:, self.warp_idx].numpy()})["warped"]
+        else:  # the latent warp, in the region's units
+            reference = self.g_warp.infer({"x": av.latent.numpy(), "src": self._region_units(self.ref_all[:, self.warp_idx]),
+                                           "dst": self._region_units(lm_all[:, self.warp_idx])})["warped"]
         cond = {"masked": (av.latent * (1 - m_lat)).numpy(), "mask": m_lat.numpy(), "reference": reference,
                 "previous": (self.previous if self.previous is not None else torch.zeros_like(av.latent)).numpy(),
                 "landmarks": lm_moving[None].numpy(), "audio": audio.numpy()}
@@ -178,13 +182,19 @@ class FrameGenerator:
         self.previous = x0
         return x0, px_mask, from_patch_units(lm_all[0].numpy())
 
+    def _region_units(self, lm: torch.Tensor) -> np.ndarray:
+        """Landmark units (lower_face) -> the generated region's patch units (float32)."""
+        if self.region.name == "lower_face":
+            return lm.numpy()
+        return to_patch_units(from_patch_units(lm.numpy()), self.region).astype(np.float32)
+
     def _latent_reference(self, lm_crop: np.ndarray) -> np.ndarray:
         """The portrait's latent (1, C, s, s) moved by the pixel flow: the crop-space maps sampled at each
         latent cell's centre, turned into latent coordinates, one ``cv2.remap`` of the channels."""
         s = self.avatar.crop_size_px
         lat = self.avatar.latent[0].numpy().transpose(1, 2, 0)  # (s_l, s_l, C)
         n = lat.shape[0]
-        x0p, y0p, side = patch_box(s)
+        x0p, y0p, side = patch_box(s, self.region)
         f = side / n  # crop pixels per latent cell
         mx, my = self.pixel_warp.crop_maps(lm_crop, s)
         centres = (np.arange(n) * f + f / 2 - 0.5).astype(np.float32)
@@ -213,7 +223,7 @@ class FrameGenerator:
         img = self.g_dec.infer({"z": x0.numpy().astype(np.float32)})["image"][0]  # (3, P, P) in about [-1, 1]
         patch = (np.clip(img, -1, 1) + 1) * 127.5
         patch = self._match_colour(patch.transpose(1, 2, 0), px_mask)
-        x0p, y0p, side = patch_box(s)
+        x0p, y0p, side = patch_box(s, self.region)
         crop = av.crop.copy()
         region = crop[y0p : y0p + side, x0p : x0p + side]
         region[px_mask > 0] = patch[px_mask > 0]  # generated pixels only where the mask is; paste_back does the blending

@@ -25,8 +25,9 @@ def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:
             "denoiser": Denoiser(DEN).eval()}
 
 
-def tiny_bundle(d: Path, seed: int = 0, steps: int = 2) -> Path:
-    """A complete bundle of random-weight tiny models: real files, real manifest."""
+def tiny_bundle(d: Path, seed: int = 0, steps: int = 2, *, region: str | None = None, crop_size_px: int = 256, compositor: str = "patch") -> Path:
+    """A complete bundle of random-weight tiny models: real files, real manifest (``region``: the
+    generated region's name, engine/face/region.py; its patch must be 128 px in ``crop_size_px``)."""
     d.mkdir(parents=True, exist_ok=True)
     models = tiny_models(seed)
     with torch.no_grad():  # a non-zero output layer, so that the denoiser's output is not trivially 0
@@ -36,5 +37,6 @@ def tiny_bundle(d: Path, seed: int = 0, steps: int = 2) -> Path:
     # random weights hardly move the landmarks, so the native path would show the portrait almost
     # unchanged: tiny bundles paste the whole decoded patch, which makes speech frames easy to tell from idle
     # ones in plumbing tests (the native path is tested with the shipped bundle: tests/test_native*.py)
-    write_manifest(d, fps=25, sample_rate_hz=16000, crop_size_px=256, steps=steps, extra={"compositor": "patch"})
+    extra = {"compositor": compositor, **({"region": region} if region else {})}
+    write_manifest(d, fps=25, sample_rate_hz=16000, crop_size_px=crop_size_px, steps=steps, extra=extra)
     return d

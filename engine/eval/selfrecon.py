@@ -107,12 +107,24 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
         n = len(patches)
         if sync is None or n < 2 * 15 + sync.config.frames:
             return {}
+        if patches.shape[1] != sync.config.patch_size_px:  # a larger crop's lower face, at the expert's size
+            q = sync.config.patch_size_px
+            patches = np.stack([cv2.resize(np.ascontiguousarray(p), (q, q), interpolation=cv2.INTER_AREA) for p in patches])
         sc = sync_scores(sync, mouth_from_patches(np.ascontiguousarray(patches), sync.config), mel, mel_index[:n])
         return {"sync_offset_frames": sc["offset_frames"], "sync_abs_offset_frames": abs(sc["offset_frames"]),
                 "sync_lse_d": sc["lse_d"], "sync_lse_c": sc["lse_c"]}
 
     def _avatar(name: str, crop: np.ndarray, lm: np.ndarray) -> Avatar:
-        return Avatar(crop, np.array([[1.0, 0, 0], [0, 1.0, 0]]), crop, lm, encode_patch(rts[name], extract_patch(crop)), [])
+        b = rts[name].bundle
+        if crop.shape[0] != b.crop_size_px:  # a bundle of another crop size sees the crop at its own size
+            crop = cv2.resize(crop, (b.crop_size_px,) * 2, interpolation=cv2.INTER_AREA if crop.shape[0] > b.crop_size_px else cv2.INTER_CUBIC)
+        return Avatar(crop, np.array([[1.0, 0, 0], [0, 1.0, 0]]), crop, lm, encode_patch(rts[name], extract_patch(crop, b.region)), [], b.region)
+
+    def _at_store_size(frames: np.ndarray) -> np.ndarray:
+        """Generated crops (F, S', S', 3) at the store's crop size (every row is measured at one size)."""
+        if frames.shape[1] == s:
+            return frames
+        return np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_CUBIC if f.shape[0] < s else cv2.INTER_AREA) for f in frames])
 
     def _generate(name: str, avatar: Avatar, mel: np.ndarray, mel_index: np.ndarray, n: int, *, warp_only: bool = False) -> np.ndarray:
         gen = FrameGenerator(rts[name], avatar, steps=runs[name][1], seed=seed, blinks=False,  # ground truth blinks when it will
@@ -120,7 +132,7 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
         feats = gen.audio_features_from_mel(mel, mel_index)
         lms = gen.landmarks(feats)
         a2l_lms[name] = lms.numpy()
-        return np.stack([gen.frame(lms[f], gen.audio_tokens(feats, f), warp_only=warp_only) for f in range(n)])
+        return _at_store_size(np.stack([gen.frame(lms[f], gen.audio_tokens(feats, f), warp_only=warp_only) for f in range(n)]))
 
     a2l_lms: dict[str, np.ndarray] = {}  # the last _generate's A2L landmarks per run (F, K, 2), patch units
     t0 = time.perf_counter()

@@ -23,6 +23,8 @@ The flows (``PixelWarpConfig.method``), measured on held-out clips with the A2L'
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import cv2
@@ -125,6 +127,10 @@ class PortraitWarp:
         # the same flow on a grid over the whole crop, for masks in crop space (crop_maps)
         cc = (np.arange(config.grid_cells, dtype=np.float32) + 0.5) / config.grid_cells
         self.crop_grid = np.stack(np.meshgrid(cc, cc), axis=-1).reshape(-1, 2)  # (G*G, 2) crop units
+        # crop_maps of the last few frames: a frame's latent stage and its compose stage (other threads, one
+        # frame apart in the live pipeline) both need them
+        self._crop_maps_cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._crop_maps_lock = threading.Lock()
         self.crop_still_weight = self._weights(still, grid=self.crop_grid).sum(1, keepdims=True) if len(still) \
             else np.zeros((len(self.crop_grid), 1), np.float32)
         xs, ys = np.meshgrid(np.arange(bw, dtype=np.float32), np.arange(bh, dtype=np.float32))
@@ -225,7 +231,23 @@ class PortraitWarp:
 
     def crop_maps(self, landmarks: np.ndarray, size_px: int) -> tuple[np.ndarray, np.ndarray]:
         """``cv2.remap`` maps (S, S) of the same flow in the crop's own pixels (``size_px``), for moving
-        masks drawn in crop space with the portrait (e.g. its mouth interior)."""
+        masks drawn in crop space with the portrait (e.g. its mouth interior). The last 4 are kept: read-only."""
+        key = (np.ascontiguousarray(landmarks, np.float32).tobytes(), int(size_px))
+        with self._crop_maps_lock:
+            hit = self._crop_maps_cache.get(key)
+            if hit is not None:
+                self._crop_maps_cache.move_to_end(key)
+                return hit
+        maps = self._crop_maps(landmarks, size_px)
+        for m in maps:
+            m.flags.writeable = False
+        with self._crop_maps_lock:
+            self._crop_maps_cache[key] = maps
+            while len(self._crop_maps_cache) > 4:
+                self._crop_maps_cache.popitem(last=False)
+        return maps
+
+    def _crop_maps(self, landmarks: np.ndarray, size_px: int) -> tuple[np.ndarray, np.ndarray]:
         g = self.config.grid_cells
         off = (self._offsets(landmarks, self.crop_grid, self.crop_still_weight) * size_px).reshape(g, g, 2)
         off = cv2.resize(off, (size_px, size_px), interpolation=cv2.INTER_LINEAR)

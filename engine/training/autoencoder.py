@@ -10,7 +10,8 @@ import torch
 
 from engine.metrics import psnr, ssim
 from engine.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from engine.models.io import save_model
+from engine.face.region import region_named
+from engine.models.io import load_model, save_model
 from engine.training.data import FrameStore
 from engine.training.loop import TrainConfig, train
 
@@ -30,13 +31,21 @@ def augment(rng: np.random.Generator, x: torch.Tensor) -> torch.Tensor:
     return (x * gain + bias).clamp(-1, 1)
 
 
-def train_autoencoder(data_dirs: list[str], out_dir: str, model_cfg: AutoencoderConfig, tcfg: TrainConfig, *, kl_weight: float = 1e-6, ssim_weight: float = 0.5) -> AutoencoderKL:
-    store = FrameStore(data_dirs, split="train")
+def train_autoencoder(data_dirs: list[str], out_dir: str, model_cfg: AutoencoderConfig, tcfg: TrainConfig, *, kl_weight: float = 1e-6, ssim_weight: float = 0.5,
+                      region: str | None = None, init: str | None = None) -> AutoencoderKL:
+    """``region``: the patch (engine/face/region.py, default lower_face); ``init``: a saved model's stem
+    to start from (fine-tuning, e.g. the lower_face autoencoder for the mouth region)."""
+    reg = region_named(region)
+    store = FrameStore(data_dirs, split="train", region=reg)
     if store.patches.shape[1] != model_cfg.image_size_px:
         raise ValueError(f"shards give {store.patches.shape[1]} px patches; the config expects {model_cfg.image_size_px}")
     print(f"autoencoder: {len(store)} training patches from {len(store.segments)} segments")
     torch.manual_seed(tcfg.seed)
-    model = AutoencoderKL(model_cfg).to(memory_format=torch.channels_last)
+    model = AutoencoderKL(model_cfg)
+    if init:
+        model.load_state_dict(load_model(AutoencoderKL, AutoencoderConfig, init).state_dict())
+        print(f"autoencoder: initialised from {init}")
+    model = model.to(memory_format=torch.channels_last)
     dev = torch.device(tcfg.device)
 
     def make_batch(rng):
@@ -63,7 +72,7 @@ def train_autoencoder(data_dirs: list[str], out_dir: str, model_cfg: Autoencoder
     scale = float(1.0 / means.std().clamp_min(1e-6))
     model.config = dataclasses.replace(model.config, latent_scale=scale)
     save_model(model.cpu(), Path(out_dir) / "autoencoder")
-    report = evaluate_autoencoder(model, data_dirs)
+    report = evaluate_autoencoder(model, data_dirs, region=reg)
     report["latent_scale"] = scale
     (Path(out_dir) / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     print("autoencoder held-out:", report)
@@ -71,12 +80,13 @@ def train_autoencoder(data_dirs: list[str], out_dir: str, model_cfg: Autoencoder
 
 
 @torch.no_grad()
-def evaluate_autoencoder(model: AutoencoderKL, data_dirs: list[str], *, max_frames: int = 512) -> dict:
+def evaluate_autoencoder(model: AutoencoderKL, data_dirs: list[str], *, max_frames: int = 512, region=None) -> dict:
     """Held-out reconstruction PSNR and SSIM of the patch (every k-th eval frame)."""
-    from engine.face.region import patch_mask
+    from engine.face.region import LOWER_FACE, patch_mask
 
+    region = region or LOWER_FACE
     try:
-        store = FrameStore(data_dirs, split="eval")
+        store = FrameStore(data_dirs, split="eval", region=region)
     except ValueError:  # no held-out clip among these shards
         return {"frames": 0}
     idx = np.linspace(0, len(store) - 1, min(max_frames, len(store))).astype(int)
@@ -91,7 +101,7 @@ def evaluate_autoencoder(model: AutoencoderKL, data_dirs: list[str], *, max_fram
         j = idx[i:i + 32]
         x = to_tensor(store.patches[j])
         y = model.decode(model.encode(x)).clamp(-1, 1)
-        w = torch.from_numpy(np.stack([patch_mask(store.landmarks[k] * store.crop_size_px, store.crop_size_px) for k in j]))[:, None]
+        w = torch.from_numpy(np.stack([patch_mask(store.landmarks[k] * store.crop_size_px, store.crop_size_px, region=region) for k in j]))[:, None]
         ps.append(psnr(y, x))
         pm.append(psnr(y, x, weight=w))
         ss.append(ssim(y, x))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.splits import split_of
-from engine.face.region import extract_patch
+from engine.face.region import LOWER_FACE, Region, extract_patch
 
 
 @dataclass
@@ -32,7 +32,8 @@ class Segment:
 class FrameStore:
     """All frames of the shards under ``dirs`` whose clip is in ``split`` ("train", "eval" or "all")."""
 
-    def __init__(self, dirs: list[str | Path], *, split: str = "train", with_patches: bool = True, max_segments: int | None = None):
+    def __init__(self, dirs: list[str | Path], *, split: str = "train", with_patches: bool = True, max_segments: int | None = None,
+                 region: Region = LOWER_FACE):
         if split not in ("train", "eval", "all"):
             raise ValueError(f"split must be train, eval or all, got {split!r}")
         shard_dirs: list[Path] = []
@@ -48,12 +49,14 @@ class FrameStore:
             if split != "all" and split_of(meta["clip"]) != split:
                 continue
             z = np.load(sd / "data.npz")
+            if lms and float(meta["crop_size_px"]) != size:
+                raise ValueError(f"{sd}: crops of {meta['crop_size_px']} px among crops of {size:.0f} px; prepare every folder with one --crop-size")
             size = float(meta["crop_size_px"])
             lm = (z["landmarks_crop"][:, :, :2] / size).astype(np.float32)  # (F, 478, 2) crop units
             f = len(lm)
             if with_patches:
                 crops = np.load(sd / "crops.npy", mmap_mode="r")
-                patches.append(np.ascontiguousarray(extract_patch(crops)))
+                patches.append(np.ascontiguousarray(extract_patch(crops, region)))
             lms.append(lm)
             poses.append(z["pose_deg"].astype(np.float32))
             has_audio = bool(meta["has_audio"]) and "mel" in z.files and len(z["mel"]) > 0
@@ -68,6 +71,7 @@ class FrameStore:
         if not self.segments:
             raise ValueError(f"no {split} segments in {', '.join(map(str, dirs))}")
         self.crop_size_px = int(size)
+        self.region = region
         self.patches = np.concatenate(patches) if with_patches else None  # (N, P, P, 3) uint8
         self.landmarks = np.concatenate(lms)  # (N, 478, 2) crop units
         self.pose_deg = np.concatenate(poses)  # (N, 3)

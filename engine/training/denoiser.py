@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.face.region import moving_indices, patch_mask, pool_mask, to_patch_units, warp_indices
+from engine.face.region import moving_indices, patch_mask, pool_mask, region_named, to_patch_units, warp_indices
 from engine.models.audio_encoder import AudioEncoder, AudioEncoderConfig
 from engine.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from engine.models.denoiser import Denoiser, DenoiserConfig, latent_mask
@@ -69,7 +69,7 @@ class LatentTable:
                 mel = store.mel_window(seg_i, frames, enc.config.mel_before, enc.config.mel_after)
                 audio[sl] = enc(torch.from_numpy(mel)[None])[0].numpy()
                 for k in range(s.start, s.start + s.length):
-                    m = patch_mask(store.landmarks[k] * store.crop_size_px, store.crop_size_px)
+                    m = patch_mask(store.landmarks[k] * store.crop_size_px, store.crop_size_px, region=store.region)
                     mask[k, 0] = pool_mask(m, d)
                 usable[sl] = True
         self.latents, self.masks, self.audio, self.usable = lat, mask, audio, usable
@@ -90,9 +90,11 @@ def build_batch(store: FrameStore, table: LatentTable, rng: np.random.Generator,
     prev = np.where(has_prev, prev, idx)
     x = torch.from_numpy(table.latents[idx])
     m_bin = latent_mask(torch.from_numpy(np.maximum(table.masks[idx], table.masks[ref])), dcfg.mask_dilate_cells)
-    lm_all_t = torch.from_numpy(to_patch_units(store.landmarks[idx]))  # (B, 478, 2)
+    lm_all_t = torch.from_numpy(to_patch_units(store.landmarks[idx]))  # (B, 478, 2) landmark units (lower_face), the token's
     wi = warp_indices()
-    reference = warp(torch.from_numpy(table.latents[ref]), torch.from_numpy(to_patch_units(store.landmarks[ref][:, wi])), lm_all_t[:, wi])
+    reg = store.region  # the latent warp works in the generated region's units
+    reference = warp(torch.from_numpy(table.latents[ref]), torch.from_numpy(to_patch_units(store.landmarks[ref][:, wi], reg)),
+                     torch.from_numpy(to_patch_units(store.landmarks[idx][:, wi], reg)))
     previous = torch.from_numpy(table.latents[prev])
     previous = previous + opts.get("prev_noise", 0.1) * torch.randn_like(previous)
     keep = torch.from_numpy((rng.random(b) >= opts.get("p_no_previous", 0.3)) & has_prev).float()[:, None, None, None]
@@ -105,12 +107,16 @@ def build_batch(store: FrameStore, table: LatentTable, rng: np.random.Generator,
 
 
 def train_denoiser(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: TrainConfig, *, autoencoder: str, audio_encoder: str,
-                   mask_weight: float = 4.0, **opts) -> None:
+                   mask_weight: float = 4.0, region: str | None = None, init: str | None = None, **opts) -> None:
+    """``region``: the generated patch (engine/face/region.py, default lower_face); ``init``: a saved
+    denoiser's stem to start from (fine-tuning: same widths, e.g. the first bundle's for the mouth region)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ae = load_model(AutoencoderKL, AutoencoderConfig, autoencoder)
     enc = load_model(AudioEncoder, AudioEncoderConfig, audio_encoder)
-    store = FrameStore(data_dirs, split="train")
+    reg = region_named(region)
+    opts["region"] = reg.name
+    store = FrameStore(data_dirs, split="train", region=reg)
     key = _file_hash(Path(autoencoder).with_suffix(".pt"), Path(audio_encoder).with_suffix(".pt")) + f"-{len(store)}"
     table = LatentTable(store, ae, enc, out / "latent_cache.npz", key)
     dcfg = config_from_dict(DenoiserConfig, {**model_cfg, "latent_channels": ae.config.latent_channels, "latent_size": ae.config.latent_size,
@@ -119,6 +125,9 @@ def train_denoiser(data_dirs: list[str], out_dir: str, model_cfg: dict, tcfg: Tr
     print(f"denoiser: {len(usable)} training frames with audio; latent std {table.latents[usable].std():.3f}")
     torch.manual_seed(tcfg.seed)
     model = Denoiser(dcfg)
+    if init:
+        model.load_state_dict(load_model(Denoiser, DenoiserConfig, init).state_dict())
+        print(f"denoiser: initialised from {init}")
 
     def make_batch(rng):
         idx = usable[rng.integers(0, len(usable), tcfg.batch_size)]
@@ -149,8 +158,9 @@ def evaluate_denoiser(model: Denoiser, ae: AutoencoderKL, enc: AudioEncoder, dat
     PSNR of the decoded patch against ground truth, beside the warped-reference baseline."""
     from engine.metrics import psnr
 
+    reg = region_named(opts.get("region"))
     try:
-        store = FrameStore(data_dirs, split="eval")
+        store = FrameStore(data_dirs, split="eval", region=reg)
     except ValueError:
         return {"frames": 0}
     table = LatentTable(store, ae, enc, None, "")
@@ -166,7 +176,7 @@ def evaluate_denoiser(model: Denoiser, ae: AutoencoderKL, enc: AudioEncoder, dat
     g = torch.Generator().manual_seed(0)
     x0 = ddim_sample(d, torch.randn(bt["x"].shape, generator=g), cond, steps=steps)
     gt = to_tensor(store.patches[idx])
-    w = torch.from_numpy(np.stack([patch_mask(store.landmarks[k] * store.crop_size_px, store.crop_size_px) for k in idx]))[:, None]
+    w = torch.from_numpy(np.stack([patch_mask(store.landmarks[k] * store.crop_size_px, store.crop_size_px, region=reg) for k in idx]))[:, None]
     gen = ae.decode(x0).clamp(-1, 1)
     warped = ae.decode(bt["reference"]).clamp(-1, 1)
     recon = ae.decode(bt["x"]).clamp(-1, 1)

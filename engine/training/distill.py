@@ -98,7 +98,7 @@ def distill(bundle_dir: str | Path, data_dirs: list[str], out_dir: str | Path, *
     b = load_bundle(bundle_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    store = FrameStore(data_dirs, split="train")
+    store = FrameStore(data_dirs, split="train", region=b.region)
     key = _file_hash(b.path / "autoencoder.pt", b.path / "audio_encoder.pt") + f"-{len(store)}"
     cache = Path(opts.pop("latent_cache", out / "latent_cache.npz"))
     table = LatentTable(store, b.autoencoder, b.audio_encoder, cache, key)

@@ -18,10 +18,10 @@ def run_training(model: str, *, data: list[str], config: Path, out: Path) -> Non
         raise ValueError(f"{config}: unknown top-level keys {unknown} (expected model, train, options)")
     tcfg = train_config_from(spec.get("train", {}))
     opts = spec.get("options", {})
-    allowed = {"autoencoder": {"kl_weight", "ssim_weight"}, "a2l": {"seq_frames", "velocity_weight", "shape_weight", "opening_weight", "opening_std_weight",
+    allowed = {"autoencoder": {"kl_weight", "ssim_weight", "region", "init"}, "a2l": {"seq_frames", "velocity_weight", "shape_weight", "opening_weight", "opening_std_weight",
                        "neutral_reference_prob", "audio_encoder", "landmark_delay_frames"},
                "denoiser": {"autoencoder", "audio_encoder", "mask_weight", "ref_min", "ref_max", "prev_min", "prev_max", "prev_noise",
-                            "p_no_previous", "landmark_jitter"}}
+                            "p_no_previous", "landmark_jitter", "region", "init"}}
     if model in allowed and set(opts) - allowed[model]:
         raise ValueError(f"{config}: unknown {model} options {sorted(set(opts) - allowed[model])}; known: {sorted(allowed[model])}")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,71 @@
+"""The generated region (engine/face/region.py): the mouth region's geometry, and a bundle that
+generates it (512 px crops) running through the avatar, the generator and both compositors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.avatar import load_portrait, prepare_avatar
+from engine.bundle import BundleError, load_bundle
+from engine.cli import DEMO
+from engine.face.geometry import index_sets, template
+from engine.face.region import LOWER_FACE, MOUTH, from_patch_units, patch_box, region_named, to_patch_units
+from engine.generator import FrameGenerator
+from engine.runtime import load_runtime
+from tests.tiny import tiny_bundle
+
+
+def test_mouth_region_geometry():
+    assert patch_box(512, MOUTH) == (192, 288, 128)
+    assert patch_box(256, LOWER_FACE) == (64, 112, 128)  # the first bundles' patch, unchanged
+    lips = to_patch_units(template()[index_sets()["lips"], :2].astype(np.float32), MOUTH)
+    assert lips.min() > 0.05 and lips.max() < 0.95  # the whole mouth inside, away from the border
+    assert lips[:, 1].mean() == pytest.approx(0.5, abs=0.1)  # centred on the lips
+    pts = np.random.default_rng(0).random((20, 2)).astype(np.float32)
+    np.testing.assert_allclose(from_patch_units(to_patch_units(pts, MOUTH), MOUTH), pts, atol=1e-6)
+    assert region_named(None) is LOWER_FACE and region_named("mouth") is MOUTH
+    with pytest.raises(ValueError, match="unknown region"):
+        region_named("eyes")
+
+
+def test_a_mouth_region_needs_a_crop_whose_patch_fits_the_autoencoder(tmp_path):
+    with pytest.raises(BundleError, match="mouth patch of a 256 px crop"):
+        load_bundle(tiny_bundle(tmp_path / "b", region="mouth", crop_size_px=256))
+
+
+@pytest.fixture(scope="module")
+def mouth_runtime(tmp_path_factory):
+    return load_runtime(tiny_bundle(tmp_path_factory.mktemp("mouth") / "b", region="mouth", crop_size_px=512), "torch", threads=1)
+
+
+@pytest.mark.parametrize("compositor", ["patch", "native"])
+def test_a_mouth_region_bundle_generates_inside_its_region(mouth_runtime, compositor):
+    img = load_portrait(DEMO / "astronaut.jpg")
+    av = prepare_avatar(img, mouth_runtime)
+    assert av.crop_size_px == 512 and av.region is MOUTH
+    assert tuple(av.latent.shape) == (1, 4, 32, 32) and av.patch().shape == (128, 128, 3)
+    gen = FrameGenerator(mouth_runtime, av, steps=1, blinks=False, compositor=compositor)
+    lm = gen.ref_moving[0].clone()
+    lips = index_sets()["lips"]
+    lower = np.isin(gen.moving, lips) & (gen.ref_all[0, gen.moving, 1].numpy() > gen.ref_all[0, 13, 1].item())
+    lm[torch.from_numpy(lower), 1] += 0.06  # the lower lip well down: an open mouth
+    feats = torch.zeros(8, mouth_runtime.bundle.configs["audio_encoder"].feature_dim)
+    out = gen.frame(lm, gen.audio_tokens(feats, 0))
+    assert out.shape == img.shape and out.dtype == np.uint8
+    changed = np.abs(out.astype(np.int16) - img.astype(np.int16)).max(-1) > 0
+    assert changed.any()
+    # every changed pixel maps into the crop's lower half: the region's patch, or (native) the pixel warp's box
+    ys, xs = np.nonzero(changed)
+    crop_pts = np.stack([xs, ys], 1) @ av.affine[:, :2].T + av.affine[:, 2]
+    x0, y0, side = patch_box(512, MOUTH) if compositor == "patch" else patch_box(512, LOWER_FACE)
+    margin = 4
+    assert crop_pts[:, 0].min() >= x0 - margin and crop_pts[:, 0].max() <= x0 + side + margin
+    assert crop_pts[:, 1].min() >= y0 - margin and crop_pts[:, 1].max() <= y0 + side + margin
+
+
+def test_an_avatar_of_another_region_is_refused(mouth_runtime, tmp_path):
+    other = load_runtime(tiny_bundle(tmp_path / "lf"), "torch", threads=1)
+    av = prepare_avatar(load_portrait(DEMO / "astronaut.jpg"), other)
+    with pytest.raises(ValueError, match="lower_face region, the bundle generates mouth"):
+        FrameGenerator(mouth_runtime, av)
