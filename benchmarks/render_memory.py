@@ -51,7 +51,7 @@ from engine.pipeline.sources import FileSource
 base = hwm_mib()
 
 async def main():
-    src, track, n = FileSource(sys.argv[1], realtime=False), iter(AudioBlocks(sys.argv[1], sample_rate_hz=48000)), 0
+    src, track, n = FileSource(sys.argv[1], realtime=False, playback=False), iter(AudioBlocks(sys.argv[1], sample_rate_hz=48000)), 0
     buf = np.zeros(0, np.float32)
     async for chunk in src:
         n += 1

@@ -69,7 +69,7 @@ class VirtualCameraSink:
 
 
 class SpeakerSink:
-    """The pipeline's re-emitted audio (16 kHz mono) on an output device: the default one, or a named
+    """The pipeline's re-emitted audio (OutputFrame.playback: 48 kHz mono, the input's full band) on an output device: the default one, or a named
     one, such as a virtual microphone (a PulseAudio/PipeWire null sink, whose monitor a call app
     takes as its microphone) so that a call hears the voice in sync with the lips."""
 
@@ -77,7 +77,7 @@ class SpeakerSink:
         try:
             import sounddevice as sd
 
-            self.stream = sd.OutputStream(samplerate=16000, channels=1, dtype="float32", blocksize=0, device=device)
+            self.stream = sd.OutputStream(samplerate=48000, channels=1, dtype="float32", blocksize=0, device=device)
             self.stream.start()
         except Exception as e:  # OSError (no PortAudio) or sounddevice.PortAudioError
             raise OutputDeviceUnavailable(f"no audio output device: {e}") from None

@@ -192,6 +192,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from server.session import SessionConfig
 
     from server.ice import ice_servers_from_env, parse_ice_servers
+    from server.workers import default_workers
 
     token = a.token or os.environ.get("AVATAR_TOKEN") or None
     # --ice-server URL (repeatable), else $AVATAR_ICE_SERVERS; checked before the models load
@@ -200,7 +201,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     cfg = ServerConfig(host=a.host, port=a.port, max_sessions=a.max_sessions, token=token, cors_origins=tuple(a.cors or ()),
                        session=SessionConfig(steps=a.steps, connect_timeout_s=a.pending_timeout, ice_servers=ice), peer_timeout_s=a.peer_timeout,
                        avatars_dir=Path(a.avatars_dir) if a.avatars_dir else None, default_portrait=Path(a.portrait) if a.portrait else DEMO_PORTRAIT,
-                       batch_sessions=a.batch_sessions, batch_wait_ms=a.batch_wait_ms)
+                       batch_sessions=a.batch_sessions, batch_wait_ms=a.batch_wait_ms,
+                       idle_timeout_s=a.idle_timeout, body_timeout_s=a.body_timeout, max_connections=a.max_connections)
+    if a.ray is not None or (a.workers or default_workers()) > 1:  # sessions in worker processes or Ray Serve replicas
+        from server.scale import serve_scaled
+
+        asyncio.run(serve_scaled(cfg, workers=a.workers or default_workers(), ray=a.ray, bundle=a.bundle, backend=a.backend,
+                                 threads=a.threads, max_replicas=a.ray_max_replicas))
+        return 0
     rt = load_runtime(a.bundle, a.backend, threads=a.threads)
     try:
         asyncio.run(serve(rt, cfg))
@@ -248,8 +256,25 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
 def _cmd_bench_server(a: argparse.Namespace) -> int:
     from benchmarks.server import bench_server
 
+    if a.bench_workers or a.ray_replicas:  # the scale-out table (docs/benchmarks/scale_out.json)
+        from benchmarks.server import bench_scale_out
+
+        r = bench_scale_out(a.out, sessions=tuple(a.sessions), workers=tuple(a.bench_workers or ()), ray_replicas=tuple(a.ray_replicas or ()),
+                            audio=a.audio, bundle=a.bundle, backend=a.backend, threads=a.threads, steps=a.steps)
+        print(f"sessions holding 25 fps here: {r['sessions_holding_25fps']}; wrote {a.out}")
+        return 0
     r = bench_server(a.out, sessions=tuple(a.sessions), audio=a.audio, bundle=a.bundle, backend=a.backend, threads=a.threads, steps=a.steps)
     print(f"sessions holding 25 fps here: {r['sessions_holding_25fps']} ({r['caveat']}); wrote {a.out} and its .png")
+    return 0
+
+
+def _cmd_bench_audio(a: argparse.Namespace) -> int:
+    from benchmarks.audio_fidelity import bench_audio_fidelity, summary
+
+    r = bench_audio_fidelity(a.out, bundle=a.bundle, backend=a.backend, threads=a.threads, seconds=a.seconds,
+                             webrtc=not a.no_webrtc, relay=not a.no_relay)
+    print(summary(r))
+    print(f"wrote {a.out}")
     return 0
 
 
@@ -378,13 +403,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"), help="the server's backend")
     p.add_argument("--threads", type=int, help="the server's inference threads")
     p.add_argument("--steps", type=int, help="denoising steps the clients ask for (default: the bundle's)")
+    p.add_argument("--workers", type=int, nargs="+", dest="bench_workers", metavar="N",
+                   help="scale-out table: each session count with `avatar serve --workers N` for each N (1: one process), "
+                        "--out then holds the table and the capacity model (docs/benchmarks/scale_out.json)")
+    p.add_argument("--ray-replicas", type=int, nargs="+", metavar="N",
+                   help="scale-out table: also with `avatar serve --ray local` and N replicas (needs '.[cluster]')")
     p.set_defaults(func=_cmd_bench_server)
+    p = bsub.add_parser("audio", help="full-band audio: a 48 kHz voice through the pipeline, the server + client over WebRTC, and "
+                                      "a local TURN relay; energy per band out vs in (dB), round trips")
+    p.add_argument("--out", default="docs/benchmarks/audio_fidelity.json", help="JSON report (default: %(default)s)")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"), help="inference backend")
+    p.add_argument("--threads", type=int, help="inference threads")
+    p.add_argument("--seconds", type=float, default=6.0, help="seconds of the signal (default 6)")
+    p.add_argument("--no-webrtc", action="store_true", help="the pipeline only (no server, no client)")
+    p.add_argument("--no-relay", action="store_true", help="no TURN relay run (it needs coturn's turnserver)")
+    p.set_defaults(func=_cmd_bench_audio)
     p = bsub.add_parser("gpu", help="the per-frame path on one GPU, torch only (a bare CUDA machine): ms per frame at batch 1-32 "
                                     "in fp32 / bf16 / compiled, memory per session, sessions at 25 fps (scripts/gpu_check.sh)")
     from benchmarks.gpu import add_arguments as _bench_gpu_arguments, run_args as _cmd_bench_gpu  # numpy only; torch when run
 
     _bench_gpu_arguments(p)
     p.set_defaults(func=_cmd_bench_gpu)
+    p = bsub.add_parser("reliability", help="avatar serve against hostile inputs, abrupt disconnects, floods and a soak of pushed "
+                                            "speech on 127.0.0.1: answers, slot free times, fds / threads / tasks / RSS, latency")
+    from benchmarks.reliability import add_arguments as _bench_reliability_arguments, run_args as _cmd_bench_reliability
+
+    _bench_reliability_arguments(p)
+    p.set_defaults(func=_cmd_bench_reliability)
 
     p = sub.add_parser("distill", help="progressive distillation of a bundle's denoiser to fewer steps; writes a new bundle")
     p.add_argument("--bundle", help="teacher bundle (default: the shipped bundle)")
@@ -399,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
     p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
-    p.add_argument("--max-sessions", type=int, default=1, help="concurrent sessions (default 1: one pipeline keeps two cores busy)")
+    p.add_argument("--max-sessions", type=int, default=1, help="concurrent sessions (default 1: one pipeline keeps two cores busy); "
+                                                                 "with --workers or --ray: per worker or replica")
     p.add_argument("--token", help="bearer token every route but /healthz requires (default: $AVATAR_TOKEN, else none)")
     p.add_argument("--cors", nargs="+", metavar="ORIGIN", help="origins allowed to call from other pages ('*': any; default: same origin only)")
     p.add_argument("--portrait", help="the portrait of the avatar 'default' (default: the shipped demo portrait)")
@@ -407,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--avatars-dir", default=str(Path.home() / ".local" / "share" / "avatar-engine" / "avatars"), metavar="DIR",
                    help="keep uploaded portraits here and prepare them again at the next start (default: %(default)s; "
                         "'' keeps them in memory only)")
-    p.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="close a session whose peer answers no connectivity check this long (default 10; a closed page DELETEs at once)")
+    p.add_argument("--peer-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close a session whose peer answers no connectivity check (ICE consent, one every quarter of this, at most 2 s) "
+                        "this long: a killed client frees its slot after 3.5-5 s at the default 5; a closed page DELETEs at once")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="a STUN or TURN server for the server's peer and the page (stun:HOST[:PORT], turn:HOST[:PORT][?transport=udp|tcp], "
                         "turns:HOST[:PORT]); repeatable (default: $AVATAR_ICE_SERVERS, else none: host candidates only, for loopback and LANs)")
@@ -417,12 +465,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pending-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="close a session whose peer has not connected its media this long after the answer: an offer that never "
                         "connects holds a session slot this long at most (default 5)")
+    p.add_argument("--idle-timeout", type=float, default=15.0, metavar="SECONDS",
+                   help="close a connection that has not sent a whole request's headers this long after it opened or was "
+                        "last answered: idle keep-alives and slow (slowloris) clients (default 15)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="answer 408 to a request whose body sends no bytes this long (default 30; WebSockets are not timed)")
+    p.add_argument("--max-connections", type=int, default=256, metavar="N",
+                   help="HTTP connections open at once; one more is answered 503 at once and closed, the open ones go on (default 256)")
     p.add_argument("--batch-sessions", type=int, metavar="N",
                    help="run the denoiser calls of up to N sessions that are due together as one batch (on a GPU the decoder's too); "
                         "1: off (default: --max-sessions on a GPU, off on a CPU, where a batch costs about as much as its calls: "
                         "docs/benchmarks/batching.json)")
     p.add_argument("--batch-wait-ms", type=float, default=3.0, metavar="MS",
                    help="a batch waits this long at most for the other sessions' calls; a lone session never waits (default 3)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="run the sessions in N worker processes behind this one (signalling, page, /metrics); --max-sessions is then "
+                        "per worker (default: one per 1.2 cores, at least 1; 1: the sessions run in this process)")
+    p.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="host the sessions on Ray Serve replicas (pip install '.[cluster]'): 'auto' starts or joins a local Ray, "
+                        "ADDRESS joins a cluster (ray://HOST:10001 or HOST:6379); --workers is then the replica count, "
+                        "--max-sessions per replica")
+    p.add_argument("--ray-max-replicas", type=int, metavar="N",
+                   help="with --ray: autoscale between --workers and N replicas on the sessions open (default: a fixed --workers replicas)")
     _runtime_args(p)
     p.set_defaults(func=_cmd_serve)
 

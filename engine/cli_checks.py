@@ -27,12 +27,17 @@ _AT_LEAST: dict[str, tuple[str, float, bool]] = {
     "max_frames": ("--max-frames", 1, True),
     "max_sessions": ("--max-sessions", 1, True),
     "batch_sessions": ("--batch-sessions", 1, True),
+    "workers": ("--workers", 1, True),
+    "ray_max_replicas": ("--ray-max-replicas", 1, True),
     "batch_wait_ms": ("--batch-wait-ms", 0, True),
     "seconds": ("--seconds", 0, False),
     "duration": ("--duration", 0, False),
     "budget_ms": ("--budget-ms", 0, False),
     "peer_timeout": ("--peer-timeout", 0, False),
     "pending_timeout": ("--pending-timeout", 0, False),
+    "idle_timeout": ("--idle-timeout", 0, False),
+    "body_timeout": ("--body-timeout", 0, False),
+    "max_connections": ("--max-connections", 1, True),
     "drift_seconds": ("--drift-seconds", 0, True),
 }
 
@@ -91,6 +96,7 @@ def check_args(a: argparse.Namespace) -> None:
     if a.command == "client":
         check_server_url(a.server)
     if a.command == "serve":
+        check_open_files(a.max_connections)
         check_can_listen(a.host, a.port)
 
 
@@ -120,6 +126,22 @@ def check_server_url(url: str) -> None:
         parts.port  # noqa: B018  (raises ValueError for a port that is not a number in range)
     except ValueError:
         raise ValueError(f"--server {url!r}: the port is not a number in [0, 65535]") from None
+
+
+FILES_BESIDES_CONNECTIONS = 256  # what the server opens besides its HTTP connections: models, sessions' UDP sockets, pipes
+
+
+def check_open_files(max_connections: int) -> None:
+    """``--max-connections``: the process may open that many sockets and what else it needs (``ulimit -n``)."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and max_connections + FILES_BESIDES_CONNECTIONS > soft:
+        raise ValueError(f"--max-connections {max_connections} needs about {max_connections + FILES_BESIDES_CONNECTIONS} open files, "
+                         f"this process may open {soft} (ulimit -n): lower it to at most {max(1, soft - FILES_BESIDES_CONNECTIONS)} "
+                         "or raise the limit")
 
 
 def check_can_listen(host: str, port: int) -> None:

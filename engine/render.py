@@ -81,7 +81,7 @@ async def _run_pipeline(rt, avatar, config: PipelineConfig, audio: str | Path, w
                         progress: bool) -> tuple[dict[str, int], float]:
     """The live pipeline in fast mode: the file as the source, the mp4 as the sink; (frame kinds, seconds of audio)."""
     kinds: dict[str, int] = {}
-    source = FileSource(audio, realtime=False)
+    source = FileSource(audio, realtime=False, playback=False)  # the mp4 takes its audio track from the file itself
     async with Pipeline(rt, avatar, config) as p:
         p.start(source)
         with tqdm(total=n_frames, desc="render", unit="frame", disable=not progress, dynamic_ncols=True) as bar:

@@ -4,6 +4,8 @@
 #   scripts/install.sh --dev    the engine and the test tools, and, as root on Debian/Ubuntu (apt-get),
 #                               the system packages the tests need when they are missing
 #   scripts/install.sh --list-system-packages   print those Debian packages, one a line, and exit
+#   scripts/install.sh [--dev] --cluster   also Ray Serve (extra "cluster", `avatar serve --ray`); --dev includes it
+#                               (it resolves with the engine's pins; ~80 MB download; its test takes ~25 s)
 #   scripts/install.sh [--dev] --adapters       also pipecat-ai and livekit-agents (clients/pipecat, clients/livekit and
 #                               their tests), as a second pip step: they need protobuf>=5, which mediapipe 0.10.21's
 #                               metadata forbids (pip warns; the face tracker gives the same landmarks with it), so pip
@@ -18,14 +20,16 @@ cd "$(dirname "$0")/.."
 #   libportaudio2  the PortAudio library behind sounddevice (MicrophoneSource, SpeakerSink)
 #   libgl1 libglib2.0-0  loaded by OpenCV (opencv-contrib-python) and MediaPipe at import
 #   chromium       tests/test_web_client.py drives a headless Chromium
-dev_system_packages="libportaudio2 libgl1 libglib2.0-0 chromium"
+#   coturn         turnserver: the TURN relay of tests/test_turn_relay.py and `avatar bench audio` (on 127.0.0.1 only)
+dev_system_packages="libportaudio2 libgl1 libglib2.0-0 chromium coturn"
 if [ "${1:-}" = "--list-system-packages" ]; then
   printf '%s\n' $dev_system_packages
   exit 0
 fi
 
 extras="cpu"
-[ "${1:-}" = "--dev" ] && extras="cpu,dev"
+[ "${1:-}" = "--dev" ] && extras="cpu,dev,cluster"
+case " $* " in *" --cluster "*) extras="${extras%,cluster},cluster" ;; esac
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
@@ -63,6 +67,10 @@ if [ "${1:-}" = "--dev" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null
           || echo "could not install $pkg: the tests that need it will skip or check the error without it" >&2
       done
     fi
+    case " $missing " in
+      *" coturn "*)  # only its binary is wanted (the tests start their own on 127.0.0.1): not a system-wide TURN service
+        if command -v systemctl >/dev/null; then systemctl disable --now coturn >/dev/null 2>&1 || true; fi ;;
+    esac
   fi
 elif [ "${1:-}" = "--dev" ]; then
   echo "not root on Debian/Ubuntu (apt-get): for the full test suite install these system packages yourself:" \

@@ -10,7 +10,7 @@ Routes (JSON unless said; errors are ``{"error": "..."}`` with the status below)
     GET    /sessions/{id}/audio/ws       WebSocket: binary PCM s16le; text JSON {"rate", "channels"} first
                                          (or ?rate=&channels=), {"type": "end_of_segment"}, {"type": "interrupt"}
     POST   /sessions/{id}/interrupt      barge-in: drop queued audio and frames -> {dropped_s}
-    POST   /sessions/{id}/end_of_segment the pushed turn is over
+    POST   /sessions/{id}/end_of_segment the pushed turn is over (these two: 20 a second per session, bursts of 50; 429 beyond)
     GET    /sessions, /sessions/{id}     state and pipeline metrics
     DELETE /sessions/{id}                close it
     GET    /avatars                      {avatars: [{id, source, width, height, notes}]}
@@ -32,7 +32,9 @@ Security: listens on 127.0.0.1 unless told otherwise; with a token, every route 
 the web page's static files needs ``Authorization: Bearer <token>`` (or ``?token=`` for browsers' WebSockets and links);
 cross-origin requests are refused (403) unless their origin is in ``cors_origins``; bodies are
 size-limited (413); a server on loopback refuses requests whose Host is not a loopback name (403:
-DNS rebinding). A closed session's routes answer 410 Gone with the reason it closed.
+DNS rebinding). A closed session's routes answer 410 Gone with the reason it closed. Connections
+(server/limits.py): closed without a whole request's headers ``idle_timeout_s`` after opening or the
+last answer, 408 for a body that stalls ``body_timeout_s``, at most ``max_connections`` (503 at once beyond).
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ from engine.pipeline.sources import PushSource
 from engine.runtime.batching import auto_batch_sessions, batch_runtime, batching_stats
 from server.avatars import DEFAULT_ID, AvatarStore, UnsupportedImageError
 from server.ice import is_loopback_host, pin_host_addresses, set_consent_timeout
+from server.limits import (LINGER_S, LimitedSite, TokenBucket, body_chunks, client_gone_middleware, quiet_bad_requests,
+                           read_within)
 from server.session import OfferError, Session, SessionConfig, offer_media
 
 log = logging.getLogger("avatar.server")
@@ -88,10 +92,14 @@ class ServerConfig:
     max_ws_per_session: int = 2  # WebSockets pushing into one session at once (429 beyond)
     ws_control_rate_per_s: float = 20.0  # JSON control messages per second on one WebSocket, sustained
     ws_control_burst: int = 50  # ... and in a burst; beyond, the socket is closed (1008) and the session keeps streaming
+    # (the same rate and burst limit POST /sessions/{id}/interrupt and /end_of_segment per session: 429 beyond)
+    idle_timeout_s: float = 15.0  # a connection without a whole request's headers this long after it opened or was answered is closed
+    body_timeout_s: float = 30.0  # a request body that sends no bytes this long is answered 408 (server/limits.py)
+    max_connections: int = 256  # HTTP connections open at once; one more is answered 503 and closed (the open ones go on)
     max_steps: int = 16  # an offer's "steps" at most
     retry_after_s: int = 10  # the Retry-After of a 503 at capacity
     push_wait_s: float = 30.0  # a push waits this long at most for room in the session's buffer (503 beyond)
-    peer_timeout_s: float = 10.0  # a peer that answers no ICE consent check this long is gone: its session closes
+    peer_timeout_s: float = 5.0  # a peer that answers no ICE consent check this long is gone: its session closes (server/ice.py)
     session: SessionConfig = field(default_factory=SessionConfig)
     web_dir: Path = WEB_DIR
     default_portrait: Path = DEMO_PORTRAIT  # the avatar "default"
@@ -110,12 +118,15 @@ class ServerState:
         self.sessions_started = 0
         self.sessions_rejected = 0
         self.restoring: asyncio.Task | None = None  # kept uploads being prepared again at startup
+        self.control_buckets: dict[str, TokenBucket] = {}  # session id -> its HTTP interrupt / end_of_segment rate limit
+        self.connections: LimitedSite | None = None  # the listening site, whose gate counts the open connections (serve())
         self.metrics = PrometheusExport()  # GET /metrics: every session's pipeline reports into it, and the server's own
         self.metrics.registry.register(_ServerCollector(self))
 
     def session_closed(self, s: Session) -> None:
         if self.sessions.get(s.id) is s:
             del self.sessions[s.id]
+        self.control_buckets.pop(s.id, None)
         self.closed[s.id] = s.error or s.close_reason or "closed"
         while len(self.closed) > 256:
             self.closed.popitem(last=False)
@@ -135,6 +146,11 @@ class _ServerCollector:
             yield GaugeMetricFamily(name, help_, value=value)
         yield CounterMetricFamily("avatar_sessions_started", "Sessions answered since the server started.", value=st.sessions_started)
         yield CounterMetricFamily("avatar_sessions_rejected", "Offers refused at capacity.", value=st.sessions_rejected)
+        yield GaugeMetricFamily("avatar_asyncio_tasks", "Tasks of the server's event loop.", value=len(asyncio.all_tasks()))
+        if st.connections is not None:
+            yield GaugeMetricFamily("avatar_http_connections", "HTTP connections open now.", value=st.connections.gate.open)
+            yield CounterMetricFamily("avatar_http_connections_refused", "Connections refused beyond max_connections.",
+                                      value=st.connections.gate.refused)
 
 
 STATE = web.AppKey("avatar_state", ServerState)
@@ -155,7 +171,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(f"body of {request.content_length} bytes is over the limit of {limit}", limit, request.content_length)
     data = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
+    async for chunk in body_chunks(request, 64 * 1024, request.app[STATE].config.body_timeout_s):  # 408 if it stalls
         data += chunk
         if len(data) > limit:
             raise _too_large(f"body over the limit of {limit} bytes", limit, len(data))
@@ -377,7 +393,7 @@ async def _push_audio(request: web.Request) -> web.Response:
         raise _json_error(web.HTTPBadRequest, f"{e} (POST raw s16le PCM with ?rate=<Hz>&channels=<n>)") from None
     pusher = PcmPusher(src, rate, channels, wait_s=st.config.push_wait_s)
     try:
-        async for chunk in request.content.iter_chunked(2 * channels * max(1, rate // 10)):
+        async for chunk in body_chunks(request, 2 * channels * max(1, rate // 10), st.config.body_timeout_s):
             await pusher.feed(chunk)
         if request.query.get("end") in ("1", "true", "yes"):
             src.end_of_segment()
@@ -452,13 +468,24 @@ async def _audio_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+def _control_allowed(request: web.Request, s: Session) -> None:
+    """HTTP control requests of one session: ws_control_rate_per_s sustained, ws_control_burst at once (429 beyond)."""
+    st = request.app[STATE]
+    bucket = st.control_buckets.setdefault(s.id, TokenBucket(st.config.ws_control_rate_per_s, st.config.ws_control_burst))
+    if not bucket.take():
+        raise _json_error(web.HTTPTooManyRequests, f"session {s.id}: more than {st.config.ws_control_rate_per_s:g} control "
+                          "requests a second", **{"Retry-After": str(max(1, math.ceil(bucket.wait_s())))})
+
+
 async def _interrupt(request: web.Request) -> web.Response:
     s = _session(request)
+    _control_allowed(request, s)
     return web.json_response({"session_id": s.id, "dropped_s": round(s.pipeline.clear_buffer(), 4)})
 
 
 async def _end_of_segment(request: web.Request) -> web.Response:
     s = _session(request)
+    _control_allowed(request, s)
     _push_source(s).end_of_segment()
     return web.json_response({"session_id": s.id, "ok": True})
 
@@ -488,15 +515,16 @@ async def _read_upload(request: web.Request, limit: int) -> bytes:
         return await _read_body(request, limit)
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
         raise _too_large(f"upload of {request.content_length} bytes is over the limit of {limit}", limit, request.content_length)
+    timeout_s = request.app[STATE].config.body_timeout_s  # each read: 408 if the client stalls
     try:
         reader = await request.multipart()
-        async for part in reader:
+        while (part := await read_within(reader.next(), timeout_s)) is not None:
             if not isinstance(part, BodyPartReader):  # a nested multipart: not where an image is
                 continue
             if part.filename is None and part.name not in ("image", "file", "portrait"):
                 continue
             data = bytearray()
-            while chunk := await part.read_chunk(64 * 1024):
+            while chunk := await read_within(part.read_chunk(64 * 1024), timeout_s):
                 data += chunk
                 if len(data) > limit:
                     raise _too_large(f"image over the limit of {limit} bytes", limit, len(data))
@@ -575,7 +603,10 @@ async def _web_file(request: web.Request) -> web.StreamResponse:
 def create_app(runtime: Any, config: ServerConfig = ServerConfig(), *, avatars: AvatarStore | None = None) -> web.Application:
     """The aiohttp application. ``runtime``: one ``engine.runtime.Runtime`` shared by every session.
     ``avatars``: a store to use (its ``default`` is prepared at startup if it has none)."""
-    app = web.Application(middlewares=[_host_guard, _cors, _auth], client_max_size=config.max_upload_bytes + 256 * 1024)
+    quiet_bad_requests()  # a request that does not parse is answered 400 and logged as one info line, not a traceback
+    app = web.Application(middlewares=[client_gone_middleware, _host_guard, _cors, _auth], client_max_size=config.max_upload_bytes + 256 * 1024,
+                          handler_args={"keepalive_timeout": config.idle_timeout_s,  # idle and slow-header connections closed
+                                        "lingering_time": LINGER_S})
     n_batch = config.batch_sessions if config.batch_sessions is not None else auto_batch_sessions(runtime, config.max_sessions)
     runtime = batch_runtime(runtime, min(n_batch, config.max_sessions), config.batch_wait_ms)  # the same runtime when <= 1
     app[STATE] = ServerState(runtime, config, avatars or AvatarStore(runtime, directory=config.avatars_dir))
@@ -630,8 +661,9 @@ async def serve(runtime: Any, config: ServerConfig, *, ready: asyncio.Event | No
     app = create_app(runtime, config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = LimitedSite(runner, config.host, config.port, max_connections=config.max_connections)
     await site.start()
+    app[STATE].connections = site
     port = runner.addresses[0][1] if runner.addresses else config.port
     host = f"[{config.host}]" if ":" in config.host else config.host
     st = app[STATE]

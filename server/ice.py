@@ -12,7 +12,10 @@ it binds a loopback address, the Python client when it talks to a loopback serve
 ``set_consent_timeout`` shortens how long a vanished peer (a closed laptop lid, a killed tab:
 no DTLS close, no DELETE) keeps its session: aioice checks consent (RFC 7675) every 5 s and
 gives up after 6 failures, about 30 s during which the session holds a slot of the server's
-capacity. Also process-wide (aioice's module constants, read at each check).
+capacity; the server's ``--peer-timeout`` (5 s) checks every 1.25 s and gives up after 3. Nothing
+faster is offered by the sockets: aioice's UDP sockets are unconnected, so the ICMP "port
+unreachable" of a killed peer's host is never reported to them. Also process-wide (aioice's module
+constants, read at each check).
 
 ``IceServer`` is one STUN or TURN server for a deployment behind a NAT, on a cloud VM or in a
 container (``--ice-server URL``, repeatable; ``--ice-username`` / ``--ice-credential`` for TURN;
@@ -68,10 +71,15 @@ def is_loopback_host(host: str) -> bool:
 CONSENT_CHECK_TIMEOUT_S = 0.5  # aioice waits this long for the answer to one check (one STUN try, no retransmission)
 
 
-def set_consent_timeout(timeout_s: float, interval_s: float = 2.0) -> None:
+def set_consent_timeout(timeout_s: float, interval_s: float | None = None) -> None:
     """Close a connection whose peer answers no consent check for about ``timeout_s`` (checks every
-    ``interval_s`` +-20 %, each failing after 0.5 s; at least 3 failures in a row, so that one lost
-    packet never ends a healthy session; aioice's default is 6 x 5 s)."""
+    ``interval_s`` +-20 %, by default a quarter of ``timeout_s`` and at most 2 s, each failing after
+    0.5 s; at least 3 failures in a row, so that one lost packet never ends a healthy session; aioice's
+    default is 6 x 5 s). A peer killed at a random moment is found gone after about
+    U(0, 1.2) x interval + 3 x 0.5 s + 2 x interval: 3.5-5.1 s at timeout 5 s (interval 1.25 s),
+    7.5-10.4 s at 10 s (interval 2 s, 4 failures), as measured in docs/benchmarks/reliability.json."""
+    if interval_s is None:
+        interval_s = min(2.0, timeout_s / 4)
     if not timeout_s >= interval_s > 0:
         raise ValueError(f"need timeout_s >= interval_s > 0, got {timeout_s} and {interval_s}")
     aioice.ice.CONSENT_INTERVAL = interval_s

@@ -8,8 +8,8 @@ aiortc tracks that send them.
 One clock. Slot ``j`` plays at ``t0 + j / fps`` on the event loop's clock; ``t0`` is the arrival
 of the first frame plus a small lead (the jitter allowance, ``lead_s``). Each pipeline frame takes
 the next slot: the video track sends its image when the slot falls due, the audio track sends
-its audio (the input audio of the frame's own span, upsampled 16 -> 48 kHz, exactly 3 samples per
-sample) as the 20 ms packets covering the slot, each when it falls due. Both tracks start at
+its audio (``OutputFrame.playback``: the input audio of the frame's own span at 48 kHz, full band,
+as the source gave it) as the 20 ms packets covering the slot, each when it falls due. Both tracks start at
 slot 0 and send on time, so RTP timestamps, RTCP sender reports and send times agree, and a
 receiver plays lips and sound together (the tracks pace themselves as aiortc's
 ``VideoStreamTrack`` does). The ``send_latency`` histogram (in the pipeline's metrics) is input
@@ -47,42 +47,12 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engine.pipeline.metrics import PipelineMetrics
 from engine.pipeline.pipeline import OutputFrame
+from engine.pipeline.sources import PLAYBACK_RATE_HZ, Upsampler  # noqa: F401  (Upsampler: importable here as before)
 
 VIDEO_CLOCK_HZ = 90000  # RTP video clock
-AUDIO_RATE_HZ = 48000  # what the audio track sends (Opus runs at 48 kHz)
+AUDIO_RATE_HZ = PLAYBACK_RATE_HZ  # what the audio track sends (Opus runs at 48 kHz): OutputFrame.playback's rate
 AUDIO_PACKET_SAMPLES = 960  # 20 ms at 48 kHz: one Opus packet
-INPUT_RATE_HZ = 16000  # OutputFrame.audio's rate
 _END = object()
-
-
-class Upsampler:
-    """16 kHz -> 48 kHz: a Kaiser-windowed sinc low-pass applied polyphase, with its state kept
-    across calls, so every call returns exactly 3 output samples per input sample (a frame's span
-    stays its span) and chunk boundaries do not click. Delay: (taps - 1) / 2 = 24 output samples
-    (0.5 ms)."""
-
-    factor = AUDIO_RATE_HZ // INPUT_RATE_HZ  # 3
-
-    def __init__(self, *, taps_per_phase: int = 16, cutoff_hz: float = 7200.0, beta: float = 7.0):
-        n_taps = taps_per_phase * self.factor + 1
-        n = np.arange(n_taps) - (n_taps - 1) / 2
-        fc = cutoff_hz / AUDIO_RATE_HZ  # cycles per output sample
-        h = 2 * fc * np.sinc(2 * fc * n) * np.kaiser(n_taps, beta)
-        h *= self.factor / h.sum()  # unity gain after zero-stuffing
-        k = -(-n_taps // self.factor)  # taps per phase, rounded up
-        h = np.pad(h, (0, k * self.factor - n_taps))
-        self._phases = [h[p :: self.factor].astype(np.float32) for p in range(self.factor)]  # each (k,)
-        self._hist = np.zeros(k - 1, np.float32)  # the last k - 1 input samples
-
-    def process(self, x: np.ndarray) -> np.ndarray:
-        """(n,) float32 at 16 kHz -> (3n,) float32 at 48 kHz."""
-        x = np.asarray(x, np.float32).reshape(-1)
-        buf = np.concatenate([self._hist, x])  # (k - 1 + n,)
-        out = np.empty(x.size * self.factor, np.float32)
-        for p, hp in enumerate(self._phases):
-            out[p :: self.factor] = np.convolve(buf, hp, mode="valid")  # y[3m + p] = sum_k h[3k + p] x[m - k]
-        self._hist = buf[buf.size - self._hist.size :]
-        return out
 
 
 def _pulse(ev: asyncio.Event) -> asyncio.Event:
@@ -124,7 +94,6 @@ class FramePacer:
         self._video: deque[tuple[int, np.ndarray]] = deque()  # (slot, (H, W, 3) uint8 RGB) not yet sent
         self._video_sent = False  # the first frame went out
         self._audio: dict[int, np.ndarray] = {}  # slot -> (audio_samples_per_slot,) int16 at 48 kHz, not yet sent
-        self._up = Upsampler()
         self._rms: deque[float] = deque(maxlen=fps)  # audio RMS of the last second's frames
         self._since_shrink = 0  # frames placed since the last speech frame was dropped
         self._over = 0  # consecutive speech frames that would have waited too long
@@ -206,8 +175,7 @@ class FramePacer:
             self.metrics.counter("stream_video_superseded").inc()
         pcm = None
         if self.audio:
-            up = self._up.process(f.audio)  # (1920,) at 25 fps
-            pcm = np.clip(np.round(up * 32767.0), -32768, 32767).astype(np.int16)
+            pcm = np.clip(np.round(f.playback * 32767.0), -32768, 32767).astype(np.int16)  # (1920,) at 25 fps
             self._audio[slot] = pcm
             for old in [s for s in self._audio if s < slot - 2 * self.fps]:  # nobody took them for 2 s
                 del self._audio[old]

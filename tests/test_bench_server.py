@@ -48,3 +48,26 @@ def test_histogram_quantile_interpolates_inside_the_bucket():
     assert histogram_quantile(1.0, buckets) == pytest.approx(0.5)
     assert histogram_quantile(0.99, [(0.1, 1.0), (inf, 2.0)]) == 0.1  # in +Inf: its lower bound
     assert histogram_quantile(0.5, [(0.1, 0.0), (inf, 0.0)]) is None
+
+
+def test_bench_server_scale_out_with_two_workers(tmp_path):
+    """`avatar bench server --workers 2`: the table row, the server's process tree (front + 2 workers), the capacity model."""
+    b = tiny_bundle(tmp_path / "b")
+    speech = tmp_path / "speech.wav"
+    x = decode_audio(DEMO / "demo_voice.wav", sample_rate_hz=16000)[: int(1.5 * 16000)]
+    with wave.open(str(speech), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.round(x * 32767).astype("<i2").tobytes())
+    out = tmp_path / "bench" / "scale_out.json"
+    assert main(["bench", "server", "--out", str(out), "--sessions", "1", "--workers", "2", "--audio", str(speech), "--bundle", str(b),
+                 "--backend", "torch", "--threads", "1"]) == 0
+    r = json.loads(out.read_text())
+    (row,) = r["table"]
+    assert row["mode"] == "2 workers" and row["sessions"] == 1 and row["fps_received_min"] > 0
+    assert row["server_processes"] >= 3 and 0 <= row["front_cores"] <= row["server_cores"], row  # the front and its 2 workers
+    assert r["sessions_holding_25fps"]["2 workers"] in (0, 1)
+    full = json.loads(open(r["reports"]["2 workers"]).read())
+    assert full["runs"][0]["server_metrics"]["sessions_started"] == 1 and full["runs"][0]["server_metrics"]["frames_out"] > 0
+    cm = r["capacity_model"]
+    assert cm["projected"] and cm["machines"]["16_cores"]["projected"] and cm["machines"]["h100_16_cores"]["projected"]
+    assert cm["machines"]["2_cores"]["sessions"] >= 1 and cm["machines"]["64_cores"]["sessions"] > cm["machines"]["16_cores"]["sessions"]

@@ -97,10 +97,10 @@ def test_the_generator_yields_video_with_its_audio_and_the_segment_end_after_the
     videos = [x for _, x in items if isinstance(x, rtc.VideoFrame)]
     assert all(v.width == w and v.height == h and v.type == rtc.VideoBufferType.RGBA for v in videos)
     audio = [x for _, x in items if isinstance(x, rtc.AudioFrame)]
-    assert all(a.sample_rate == 16000 and a.num_channels == 1 and a.samples_per_channel == 16000 // FPS for a in audio)
+    assert all(a.sample_rate == 48000 and a.num_channels == 1 and a.samples_per_channel == 48000 // FPS for a in audio)
     pcm = np.concatenate([np.frombuffer(a.data, np.int16) for a in audio]).astype(np.float64) / 32768.0
     ref = reply.astype(np.float64) / 32768.0
-    assert float(np.sum(pcm**2)) == pytest.approx(float(np.sum(ref**2)) * 16000 / TTS_HZ, rel=0.05)  # the whole reply
+    assert float(np.sum(pcm**2)) == pytest.approx(float(np.sum(ref**2)) * 48000 / TTS_HZ, rel=0.05)  # the whole reply
     assert gen.segments_finished == 1
 
 

@@ -63,7 +63,7 @@ def test_two_replies_play_as_image_frames_with_their_audio_and_end_after_their_l
     if idle_audio:
         assert kinds == "ia" * (len(kinds) // 2), kinds[:200]
     assert all(f.size == (w, h) and f.format == "RGB" and len(f.image) == w * h * 3 for _, f in media if isinstance(f, OutputImageRawFrame))
-    assert all(f.num_frames == 16000 // FPS for _, f in media if isinstance(f, OutputAudioRawFrame))
+    assert all(f.num_frames == 48000 // FPS and f.sample_rate == 48000 for _, f in media if isinstance(f, OutputAudioRawFrame))
     times = [t for t, _ in media if True]
     assert times == sorted(times)
 
@@ -72,7 +72,7 @@ def test_two_replies_play_as_image_frames_with_their_audio_and_end_after_their_l
     order = [type(f) for _, f in played]
     starts = [i for i, c in enumerate(order) if c is TTSStartedFrame]
     assert len(starts) == 2
-    ref = decode_audio(DEMO_VOICE, sample_rate_hz=16000)[: int(reply_s * 16000)]
+    ref = decode_audio(DEMO_VOICE, sample_rate_hz=48000)[: int(reply_s * 48000)]
     summary = run.summary()
     for n, s in enumerate(starts):
         e = starts[n + 1] if n + 1 < len(starts) else len(order)
@@ -90,15 +90,15 @@ def test_two_replies_play_as_image_frames_with_their_audio_and_end_after_their_l
         assert not between
         t_last = part[speech[-1]][0]
         assert part[bot_stopped[0]][0] - t_last < 1.0 / FPS, "bot stopped speaking more than a frame after the last audio"
-        # the reply's audio, as played: the TTS's audio at 16 kHz (same energy, aligned within a frame)
+        # the reply's audio, as played: the TTS's audio at 48 kHz (same energy, aligned within a frame)
         pcm = np.concatenate([np.frombuffer(f.audio, "<i2") for _, f in part[speech[0] : speech[-1] + 1]
                               if isinstance(f, OutputAudioRawFrame)]).astype(np.float64) / 32768.0
         lead = next(i for i, x in enumerate(np.abs(ref) > 1e-3) if x)  # the reply's first audible sample
         assert float(np.sum(pcm**2)) == pytest.approx(float(np.sum(ref[lead:] ** 2)), rel=0.05)
         p0 = next(i for i, x in enumerate(np.abs(pcm) > 1e-3) if x)
-        a, b = pcm[p0 : p0 + 4000], ref[max(0, lead - 160) : lead + 4000 + 160]  # 0.25 s, +-10 ms of alignment
+        a, b = pcm[p0 : p0 + 12000], ref[max(0, lead - 480) : lead + 12000 + 480]  # 0.25 s, +-10 ms of alignment
         xc = np.correlate(b, a, mode="valid")
-        assert xc.max() / np.sqrt(np.sum(a**2) * np.sum(ref[lead : lead + 4000] ** 2)) > 0.95
+        assert xc.max() / np.sqrt(np.sum(a**2) * np.sum(ref[lead : lead + 12000] ** 2)) > 0.95
         r = summary["replies"][n]
         assert r["first_avatar_speech_played_s"] - r["first_tts_audio_s"] < 0.6  # loose here; the figure is reported
     assert run.avatar.segments_finished == 2 and run.avatar.segments_interrupted == 0

@@ -240,3 +240,40 @@ def test_after_an_underrun_the_clock_moves_on_by_the_real_gap(rig, gap_s):
     finally:
         p._executor.shutdown()
         p._compose_executor.shutdown()
+
+
+def test_frames_carry_the_pushed_voice_at_full_band_in_step_with_the_16k_copy(rig):
+    """A 48 kHz push (a 1 kHz and a 12 kHz tone): each frame's ``playback`` is 40 ms at 48 kHz and
+    holds the 12 kHz tone (what the frame's 16 kHz ``audio`` cannot), and the two copies of the
+    utterance are not shifted against each other (lips, read from the 16 kHz copy, and sound at offset 0)."""
+    rt, av, _ = rig
+    t = np.arange(48000) / 48000
+    x = (0.3 * np.sin(2 * np.pi * 1000 * t) + 0.3 * np.sin(2 * np.pi * 12000 * t)).astype(np.float32)  # 1 s
+
+    async def main() -> list[OutputFrame]:
+        src = PushSource()
+        frames: list[OutputFrame] = []
+        async with Pipeline(rt, av, LIVE) as p:
+            p.start(src)
+            for i in range(0, x.size, 960):  # 20 ms pieces, pushed at once (the pipeline paces them)
+                src.push_audio(x[i : i + 960], 48000)
+            src.end_of_segment()
+            src.close()
+            async for f in p.frames():
+                frames.append(f)
+        return frames
+
+    frames = aio.run(main(), 60)
+    assert all(f.playback.shape == (48000 // FPS,) and f.playback.dtype == np.float32 for f in frames)
+    speech = [f for f in frames if f.audio_arrival_s is not None]
+    wide = np.concatenate([f.playback for f in speech])
+    narrow = np.concatenate([f.audio for f in speech])
+    assert abs(narrow.size - 16000) <= FRAME and wide.size == 3 * narrow.size
+    mid = wide[4800:43200]
+    s = np.abs(np.fft.rfft(mid * np.hanning(mid.size))) ** 2
+    f = np.fft.rfftfreq(mid.size, 1 / 48000)
+    assert s[(f > 11800) & (f < 12200)].sum() > 0.3 * s.sum()  # the 12 kHz tone, about half the energy
+    low = np.convolve(wide, np.hanning(31) / np.hanning(31).sum(), mode="same")[::3]  # the 1 kHz tone at 16 kHz
+    a, b = narrow[1600:14400], low[1600:14400]
+    lags = {k: float(np.dot(a[8:-8], b[8 + k : b.size - 8 + k])) for k in range(-8, 9)}
+    assert max(lags, key=lags.get) == 0

@@ -522,6 +522,82 @@ def test_microphone_source_without_a_device_raises_a_clear_error() -> None:
     message = str(info.value)
     assert "\n" not in message
     if library:
-        assert "cannot record 16000 Hz mono" in message and "sounddevice.query_devices()" in message
+        assert "cannot record 48000 Hz mono" in message and "sounddevice.query_devices()" in message
     else:
         assert "PortAudio library could not be loaded" in message and "libportaudio2" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# The full-band copy (AudioChunk.playback): kept at 48 kHz beside the 16 kHz one, on the same clock
+
+
+def _band_db(x: np.ndarray, sr_hz: int, lo_hz: float, hi_hz: float) -> float:
+    """Energy in [lo, hi) relative to the whole signal, dB."""
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(x.size))) ** 2
+    f = np.fft.rfftfreq(x.size, 1 / sr_hz)
+    return float(10 * np.log10(spectrum[(f >= lo_hz) & (f < hi_hz)].sum() / spectrum.sum()))
+
+
+def _lag(a: np.ndarray, b: np.ndarray, max_lag: int = 8) -> int:
+    """The shift of ``b`` against ``a`` (samples) that correlates best."""
+    lags = range(-max_lag, max_lag + 1)
+    n = min(a.size, b.size) - 2 * max_lag
+    return max(lags, key=lambda k: float(np.dot(a[max_lag : max_lag + n], b[max_lag + k : max_lag + k + n])))
+
+
+@pytest.mark.parametrize("rate_hz, high_hz", [(48000, 12000), (24000, 10000), (44100, 15000)])
+def test_push_source_keeps_the_input_band_for_playback_beside_the_16k_copy(rate_hz: int, high_hz: int) -> None:
+    """A TTS voice at 24 / 44.1 / 48 kHz keeps its tone above 8 kHz in the 48 kHz copy (the 16 kHz
+    copy cannot hold it), both copies tile the same 10 ms chunks, and they are not shifted against
+    each other (a 1 kHz tone: lag 0 at 16 kHz)."""
+    n = rate_hz  # 1 s
+    x = _sine(1000, n, rate_hz, 0.3) + _sine(high_hz, n, rate_hz, 0.3)
+
+    async def main() -> list[AudioChunk]:
+        source = PushSource()
+        piece = rate_hz // 50  # 20 ms, as a TTS streams
+        for i in range(0, n, piece):
+            source.push_audio(x[i : i + piece], rate_hz)
+        source.close()
+        return await _collect(source)
+
+    chunks = _run(main())
+    _assert_tiled(chunks)
+    assert all(c.playback is not None and c.playback.shape == (480,) and not c.playback.flags.writeable for c in chunks)
+    wide = np.concatenate([c.playback for c in chunks])[: 3 * sum(c.valid_samples for c in chunks)]
+    narrow = _valid_audio(chunks)
+    assert abs(wide.size - 48000) <= 480 and abs(narrow.size - 16000) <= 160
+    mid = slice(4800, 43200)
+    assert _band_db(wide[mid], 48000, high_hz - 200, high_hz + 200) > -4.0  # half the energy is the high tone
+    assert _band_db(narrow[1600:14400], 16000, 7500, 8000) < -40.0
+    if rate_hz == 48000:  # 48 kHz passes through untouched
+        np.testing.assert_allclose(wide, x[: wide.size], atol=1e-6)
+    # same clock: the 48 kHz copy decimated (its 1 kHz tone) lines up with the 16 kHz copy
+    lowpass = np.convolve(wide, np.hanning(31) / np.hanning(31).sum(), mode="same")[::3]
+    assert _lag(narrow[1600:14400], lowpass[1600:14400]) == 0
+
+
+def test_push_source_16k_push_gets_an_upsampled_playback_without_holding_samples_back() -> None:
+    """A 16 kHz push has no band to keep: its 48 kHz copy is upsampled from it, and a 10 ms piece
+    yields its chunk at once (nothing held back waiting for the next piece)."""
+    x = _sine(440, 160, 16000)
+
+    async def main() -> AudioChunk:
+        source = PushSource()
+        source.push_audio(x, 16000)
+        chunk = await asyncio.wait_for(source.__anext__(), TIMEOUT_S)
+        await source.aclose()
+        return chunk
+
+    chunk = _run(main())
+    assert chunk.valid_samples == 160 and chunk.playback is not None and chunk.playback.shape == (480,)
+
+
+def test_file_source_playback_is_the_file_at_48k() -> None:
+    ref = decode_audio(DEMO_VOICE, sample_rate_hz=48000)
+    chunks = _run(_collect(FileSource(DEMO_VOICE, realtime=False)))
+    wide = np.concatenate([c.playback for c in chunks])
+    n = min(ref.size, 3 * sum(c.valid_samples for c in chunks))
+    assert abs(ref.size - n) <= 3
+    np.testing.assert_allclose(wide[:n], ref[:n], atol=1e-6)
+    assert all(c.playback is None for c in _run(_collect(FileSource(DEMO_VOICE, realtime=False, playback=False), limit=20)))

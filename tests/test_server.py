@@ -35,6 +35,7 @@ from server.app import STATE, ServerConfig, create_app
 from server.avatars import AvatarStore
 from server.ice import pin_host_addresses
 from server.jitter import audio_prefetch
+from server.limits import LimitedSite
 from server.tracks import Upsampler
 from tests import aio
 from tests.tiny import tiny_bundle
@@ -67,8 +68,9 @@ async def serving(rig, **config):
     app = create_app(rt, ServerConfig(host="127.0.0.1", port=0, **config), avatars=store)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = LimitedSite(runner, "127.0.0.1", 0, max_connections=app[STATE].config.max_connections)  # as serve() listens
     await site.start()
+    app[STATE].connections = site
     try:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}", app
     finally:

@@ -36,7 +36,7 @@ from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarOptions, VideoGen
 from engine.aio import cancel_and_wait
 from engine.avatar import Avatar
 from engine.pipeline.pipeline import OutputFrame, Pipeline, PipelineConfig, SegmentEnd
-from engine.pipeline.sources import SAMPLE_RATE_HZ, PushSource
+from engine.pipeline.sources import PLAYBACK_RATE_HZ, PushSource
 
 log = logging.getLogger("avatar.livekit")
 
@@ -69,7 +69,7 @@ class AvatarVideoGenerator(VideoGenerator):
         """The ``AvatarOptions`` the runner needs for this generator's frames."""
         h, w = self.avatar.image.shape[:2]
         return AvatarOptions(video_width=w, video_height=h, video_fps=float(self.runtime.bundle.fps),
-                             audio_sample_rate=SAMPLE_RATE_HZ, audio_channels=1)
+                             audio_sample_rate=PLAYBACK_RATE_HZ, audio_channels=1)
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -164,8 +164,8 @@ class AvatarVideoGenerator(VideoGenerator):
         if not self._speaking and f.audio_arrival_s is not None and f.audio.any():
             self._speaking = True  # the reply's first audible frame
         if self._speaking:
-            pcm = (np.clip(f.audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)  # (640,)
-            out.append(rtc.AudioFrame(pcm.tobytes(), SAMPLE_RATE_HZ, 1, pcm.size))
+            pcm = (np.clip(f.playback, -1.0, 1.0) * 32767.0).round().astype(np.int16)  # (1920,) at 48 kHz: the TTS's own band
+            out.append(rtc.AudioFrame(pcm.tobytes(), PLAYBACK_RATE_HZ, 1, pcm.size))
         if f.segment_end is SegmentEnd.FINISHED:
             self._speaking = False
             self.segments_finished += 1

@@ -58,7 +58,7 @@ from engine.pipeline.pipeline import PipelineConfig
 
 DEMO_VOICE = Path(__file__).resolve().parents[2] / "engine" / "assets" / "demo" / "demo_voice.wav"
 TTS_RATE_HZ = 24000  # what TTS services typically stream
-OUT_RATE_HZ = 16000  # the transport's rate here: the avatar's audio as it is (no resampling)
+OUT_RATE_HZ = 48000  # the transport's rate here: the avatar's audio as it is (OutputFrame.playback, no resampling)
 
 
 class WavTTS(FrameProcessor):

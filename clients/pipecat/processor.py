@@ -23,7 +23,7 @@ at its slot on a media clock (re-anchored when the engine falls behind by more t
   transport shows it when the audio before it has been sent, i.e. when its own audio starts.
   Use the transport with ``video_out_enabled=True, video_out_is_live=False,
   video_out_framerate=25`` (with ``sync_with_audio=False`` here: ``video_out_is_live=True``).
-- its audio, 40 ms at 16 kHz mono int16, as ``TTSAudioRawFrame`` while a reply is playing (from
+- its audio, 40 ms at 48 kHz mono int16 (the TTS's own band: ``OutputFrame.playback``), as ``TTSAudioRawFrame`` while a reply is playing (from
   its first non-silent frame to its end, so the transport reports the bot speaking exactly then).
   Idle frames carry no audio (the transport's ``audio_out_auto_silence`` fills the gaps); with
   ``idle_audio=True`` they carry 40 ms of silence (``OutputAudioRawFrame``), for a transport that
@@ -56,7 +56,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from engine.aio import wait_bounded
 from engine.avatar import Avatar
 from engine.pipeline.pipeline import OutputFrame, Pipeline, PipelineConfig, SegmentEnd
-from engine.pipeline.sources import SAMPLE_RATE_HZ, PushSource
+from engine.pipeline.sources import PLAYBACK_RATE_HZ, PushSource
 
 log = logging.getLogger("avatar.pipecat")
 
@@ -240,11 +240,11 @@ class AvatarVideoProcessor(FrameProcessor):
             self._speaking = True  # the reply's first audible frame
         await self.push_frame(image)
         if self._speaking:
-            audio = TTSAudioRawFrame(_pcm16(f.audio), SAMPLE_RATE_HZ, 1)
+            audio = TTSAudioRawFrame(_pcm16(f.playback), PLAYBACK_RATE_HZ, 1)
             audio.context_id = self._contexts[0] if self._contexts else None
             await self.push_frame(audio)
         elif self.idle_audio:
-            await self.push_frame(OutputAudioRawFrame(_pcm16(f.audio), SAMPLE_RATE_HZ, 1))
+            await self.push_frame(OutputAudioRawFrame(_pcm16(f.playback), PLAYBACK_RATE_HZ, 1))
         if f.segment_end is SegmentEnd.FINISHED:
             self._speaking = False
             self.segments_finished += 1

@@ -137,9 +137,12 @@ def estimate_delay(sent: np.ndarray, sent_t0: float, received: list[tuple[int, f
 async def run_client(server: str, audio: str | Path, *, avatar: str | None = None, record: str | Path | None = None,
                      seconds: float | None = None, token: str | None = None, steps: int | None = None,
                      lead_in_s: float = 1.0, connect_timeout_s: float = 20.0, audio_jitter_packets: int = 1,
-                     ice_servers: Sequence[IceServer] = (), relay_only: bool = False) -> dict:
+                     ice_servers: Sequence[IceServer] = (), relay_only: bool = False,
+                     received: list | None = None) -> dict:
     """Stream ``audio`` to the server, receive the avatar, measure; returns the report (see the module doc).
-    ``ice_servers``: STUN / TURN servers (none: host candidates only); ``relay_only``: TURN relay candidates only.
+    ``ice_servers``: STUN / TURN servers (none: host candidates only); ``relay_only``: TURN relay candidates only
+    (``report["ice"]`` says which candidate types the connection used).
+    ``received``: a list that gets every audio frame received, as (pts in 48 kHz samples, release time, (n,) float32 mono).
     ``audio_jitter_packets``: audio packets this receiver holds before decoding (aiortc's default is 4, 80 ms;
     1 is what a browser's adaptive buffer settles to on loopback; ``server/jitter.py``)."""
     loop = asyncio.get_running_loop()
@@ -191,6 +194,8 @@ async def run_client(server: str, audio: str | Path, *, avatar: str | None = Non
             except MediaStreamError:
                 return
             heard.append((int(f.pts), loop.time(), _mono(f)))
+            if received is not None:
+                received.append(heard[-1])
             if rec:
                 rec.audio(f)
 
@@ -223,6 +228,7 @@ async def run_client(server: str, audio: str | Path, *, avatar: str | None = Non
             if not connected.is_set():
                 raise ClientError(f"no WebRTC connection within {connect_timeout_s:g} s (state {pc.connectionState})")
             t_connected = loop.time()
+            report["ice"] = _candidate_types(pc)
             if not await wait_event(first_frame, connect_timeout_s):
                 raise ClientError(f"connected, but no video frame within {connect_timeout_s:g} s")
             t_stop = t_connected + seconds
@@ -273,6 +279,18 @@ async def run_client(server: str, audio: str | Path, *, avatar: str | None = Non
                               "(the server sends both on one clock; this is the receiver's own skew)",
     }
     return report
+
+
+def _candidate_types(pc: RTCPeerConnection) -> dict:
+    """The local and remote candidate types ("host", "srflx", "relay") of the pair ICE nominated
+    (aioice's private state, read only for the report; None where it is not reachable)."""
+    for t in pc.getTransceivers():
+        try:
+            pair = next(iter(t.receiver.transport.transport._connection._nominated.values()))
+        except (AttributeError, StopIteration):
+            continue
+        return {"local": pair.local_candidate.type, "remote": pair.remote_candidate.type}
+    return {"local": None, "remote": None}
 
 
 def _ms(s: float) -> float:

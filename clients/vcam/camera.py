@@ -89,7 +89,7 @@ class VcamReport:
                 "pipeline_fps": self.metrics.get("fps"), "counters": self.metrics.get("counters", {})}
 
 
-async def speak(wave: np.ndarray, source, *, rate: int = 16000, chunk_s: float = 0.02) -> None:
+async def speak(wave: np.ndarray, source, *, rate: int = 48000, chunk_s: float = 0.02) -> None:
     """Push audio into a PushSource in real time, as a microphone would (absolute deadlines, no
     drift), then end its segment."""
     step = round(chunk_s * rate)
@@ -122,7 +122,7 @@ def run_vcam(portrait: str | Path, *, audio: str | Path | None = None, device: s
     if audio is not None:  # decoded first: an unreadable file is a clear error before any device opens
         from engine.audio import decode_audio
 
-        wave = decode_audio(audio, sample_rate_hz=16000)
+        wave = decode_audio(audio, sample_rate_hz=48000)  # full band: the speaker plays it (the pipeline makes its 16 kHz copy)
     framer = Framer(image, size)
     rt = load_runtime(bundle, backend, threads=threads)
     make = sink or (lambda w, h, fps: VirtualCameraSink(w, h, fps, device))
@@ -155,7 +155,7 @@ def run_vcam(portrait: str | Path, *, audio: str | Path | None = None, device: s
                 try:
                     async for f in p.frames():
                         if spk is not None:
-                            spk.send(f.audio)
+                            spk.send(f.playback)
                         if not cam.send(framer(f.image)):
                             break
                         got["last"] = time.monotonic()

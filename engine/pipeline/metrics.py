@@ -27,9 +27,10 @@ Two layers:
                                                    stream_slots_skipped, stream_idle_dropped,
                                                    stream_speech_dropped, stream_video_superseded
 
-  The server runs its sessions in its own process, so one registry sees them all; sessions in
-  several worker processes would need prometheus_client's multiprocess mode
-  (``PROMETHEUS_MULTIPROC_DIR`` and a ``MultiProcessCollector`` registry), not set up here.
+  The one-process server runs its sessions in its own process, so one registry sees them all; with
+  ``avatar serve --workers N`` the workers run prometheus_client's multiprocess mode
+  (``PROMETHEUS_MULTIPROC_DIR``, set by server/workers.py) and the front reads them with a
+  ``MultiProcessCollector``; with ``--ray`` the front sums the replicas' expositions (server/ray_serve.py).
 """
 from __future__ import annotations
 

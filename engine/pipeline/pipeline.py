@@ -8,6 +8,11 @@ One pipeline for live and offline (``avatar render`` runs it with a file source 
         stage B thread (decoder, compositing, blink, sway; overlaps A's next frame) -->
         emitter task (in order) --> bounded output queue --> ``async for frame in pipeline.frames()``
 
+Two copies of the audio. Each chunk's 16 kHz copy feeds VAD and the audio features; its 48 kHz
+copy (``AudioChunk.playback``: the input at full band) rides beside it on the same timeline, and each
+frame carries both spans: ``OutputFrame.audio`` (16 kHz) and ``OutputFrame.playback`` (48 kHz, what
+sinks play). A chunk without a 48 kHz copy gets one upsampled from its 16 kHz copy (nothing above 8 kHz).
+
 Timeline and clock. Input audio is appended to a *timeline* (16 kHz); frame ``k`` of the timeline
 covers samples ``[k * 16000 / fps, (k + 1) * 16000 / fps)`` and is ready once the audio lookahead
 after it has arrived (``StreamingFeatures.need_samples``: 82.5 ms at 25 fps for the default
@@ -74,7 +79,15 @@ from engine.errors import AvatarInputError
 from engine.generator import FrameGenerator
 from engine.pipeline.features import StreamingFeatures
 from engine.pipeline.metrics import PipelineMetrics
-from engine.pipeline.sources import CHUNK_SAMPLES, SAMPLE_RATE_HZ, AudioChunk, AudioSource
+from engine.pipeline.sources import (
+    CHUNK_SAMPLES,
+    PLAYBACK_CHUNK_SAMPLES,
+    PLAYBACK_FACTOR,
+    SAMPLE_RATE_HZ,
+    AudioChunk,
+    AudioSource,
+    Upsampler,
+)
 from engine.pipeline.vad import Vad, VadConfig
 
 log = logging.getLogger("avatar.pipeline")
@@ -118,6 +131,7 @@ class OutputFrame:
     pts_s: float  # n / fps, exactly
     image: np.ndarray  # (H, W, 3) uint8 RGB, the whole portrait
     audio: np.ndarray  # (16000 / fps,) float32 at 16 kHz: the input audio of this frame's span (silence for idle frames)
+    playback: np.ndarray  # (48000 / fps,) float32 at 48 kHz: the same span at full band, what sinks play (PLAYBACK_RATE_HZ)
     kind: str  # "speech" (generated), "idle" (the portrait, blinking), "dropped" (the last image repeated)
     steps: int  # denoising steps used (0 for idle and dropped frames)
     audio_arrival_s: float | None  # monotonic time the audio at the frame's start arrived (None: idle by the clock)
@@ -194,7 +208,8 @@ class Pipeline:
         self._pending: list[np.ndarray] = []  # samples not yet handed to the worker
         self._arrivals: deque[tuple[int, float]] = deque()  # (first sample of a chunk, arrival time)
         self._speech: deque[tuple[int, bool]] = deque()  # (first sample of a chunk, VAD speaking)
-        self._audio: deque[tuple[int, np.ndarray]] = deque()  # (first sample, pcm) kept until emitted
+        self._audio: deque[tuple[int, np.ndarray, np.ndarray]] = deque()  # (first sample, pcm, its 48 kHz copy) kept until emitted
+        self._up = Upsampler()  # the 48 kHz copy of chunks that come without one
         self._k = 0  # next timeline frame to generate
         self._seg_ends: deque[int] = deque()  # timeline sample just after each ended segment's last audio, frame not yet made
         self._ended = False  # the source ended (no more audio, ever)
@@ -339,7 +354,8 @@ class Pipeline:
         speaking = self._vad.process(chunk) if self.config.use_vad else True
         self._arrivals.append((s, arrived_s))
         self._speech.append((s, speaking))
-        self._audio.append((s, chunk.pcm))
+        wide = chunk.playback if chunk.playback is not None else self._up.process(chunk.pcm)  # (480,)
+        self._audio.append((s, chunk.pcm, wide))
         self._pending.append(chunk.pcm)
         self._n_samples += CHUNK_SAMPLES
         self._real_samples = self._n_samples
@@ -367,11 +383,12 @@ class Pipeline:
     def _fill_silence(self, upto: int, now: float) -> None:
         """Complete the timeline with silence up to sample ``upto`` (a tail whose source went quiet)."""
         zeros = np.zeros(CHUNK_SAMPLES, np.float32)
+        wide_zeros = np.zeros(PLAYBACK_CHUNK_SAMPLES, np.float32)
         while self._n_samples < upto:
             s = self._n_samples
             self._arrivals.append((s, now))
             self._speech.append((s, False))
-            self._audio.append((s, zeros))
+            self._audio.append((s, zeros, wide_zeros))
             self._pending.append(zeros)
             self._n_samples += CHUNK_SAMPLES
 
@@ -409,7 +426,8 @@ class Pipeline:
     async def _put_idle(self, loop: asyncio.AbstractEventLoop) -> None:
         """An idle frame (the portrait, blinking) in the in-flight queue, outside the audio timeline."""
         fut = loop.run_in_executor(self._compose_executor, self._compose, "idle", None)
-        await self._inflight.put((fut, (self._clears, np.zeros(self.frame_samples, np.float32), "idle", 0, None, None, 0, False, None)))
+        silence = (np.zeros(self.frame_samples, np.float32), np.zeros(self.frame_samples * PLAYBACK_FACTOR, np.float32))
+        await self._inflight.put((fut, (self._clears, silence, "idle", 0, None, None, 0, False, None)))
 
     async def _run(self) -> None:
         """Ingest input and schedule frames until the source ends and every frame is out."""
@@ -526,18 +544,22 @@ class Pipeline:
                 self.metrics.counter("idle_frames").inc()
             elif steps < self.full_steps:
                 self.metrics.counter("frames_degraded").inc()
-            await self._emit(image, audio, kind, steps, arrival, due, end)
+            await self._emit(image, audio[0], audio[1], kind, steps, arrival, due, end)
             if degrade and kind != "dropped":
                 self._adapt(due, backlog, kind)
 
-    def _frame_audio(self, lo: int, hi: int) -> np.ndarray:
+    def _frame_audio(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Timeline samples [lo, hi): the 16 kHz copy (hi - lo,) and the 48 kHz copy (3 (hi - lo),)."""
         while self._audio and self._audio[0][0] + CHUNK_SAMPLES <= lo:
             self._audio.popleft()
-        parts = [pcm for s, pcm in self._audio if s < hi and s + CHUNK_SAMPLES > lo]
-        a = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        held = [(pcm, wide) for s, pcm, wide in self._audio if s < hi and s + CHUNK_SAMPLES > lo]
         start = self._audio[0][0] if self._audio else lo
-        a = a[max(0, lo - start) : max(0, lo - start) + (hi - lo)]
-        return np.pad(a, (0, hi - lo - len(a))).astype(np.float32)
+        out = []
+        for i, f in enumerate((1, PLAYBACK_FACTOR)):
+            a = np.concatenate([h[i] for h in held]) if held else np.zeros(0, np.float32)
+            a = a[f * max(0, lo - start) : f * (max(0, lo - start) + (hi - lo))]
+            out.append(np.pad(a, (0, f * (hi - lo) - len(a))).astype(np.float32))
+        return out[0], out[1]
 
     def _work(self, k: int, pending: np.ndarray, reset: bool, ended: bool, speaking: bool, drop: bool, steps: int) -> tuple[str, object]:
         """Stage A: features and A2L for frame k, then its latent (speech), or nothing (idle, dropped)."""
@@ -563,7 +585,7 @@ class Pipeline:
         self.metrics.stage("denoise").observe(1000.0 * (time.perf_counter() - t1))
         return "speech", latent
 
-    async def _emit(self, image: np.ndarray, audio: np.ndarray, kind: str, steps: int, arrival: float | None,
+    async def _emit(self, image: np.ndarray, audio: np.ndarray, playback: np.ndarray, kind: str, steps: int, arrival: float | None,
                     due: float | None = None, end: SegmentEnd | None = None) -> None:
         clears = self._clears
         image = await asyncio.get_running_loop().run_in_executor(None, self._stamp, self, image)  # ~1 ms at 512 px, off the loop
@@ -572,7 +594,7 @@ class Pipeline:
         if end is not None:  # markers go out in order, one per frame
             self._late_markers.append(end)
         marker = self._late_markers.popleft() if self._late_markers else None
-        fr = OutputFrame(self._n_out, self._n_out / self.fps, image, audio, kind, steps, arrival, 0.0, due, marker)
+        fr = OutputFrame(self._n_out, self._n_out / self.fps, image, audio, playback, kind, steps, arrival, 0.0, due, marker)
         self._n_out += 1
         self.metrics.gauge("out_queue_depth").set(self._out.qsize())
         await self._out.put(fr)

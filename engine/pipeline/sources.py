@@ -1,7 +1,13 @@
 """Audio sources of the live pipeline: a file, pushed PCM, a microphone, a WebRTC track.
 
 Every source is an async iterator of :class:`AudioChunk`: exactly 10 ms (160 samples) of 16 kHz
-mono float32 in [-1, 1]. A chunk's ``pts_s`` is its start on the *source's media clock*: the
+mono float32 in [-1, 1], the copy that VAD and the audio features read, and beside it the same 10 ms
+at full band (``playback``: 480 samples at 48 kHz), the copy that is played back with the frames.
+The playback copy is made from the input as it came (48 kHz from WebRTC or a microphone passes
+through untouched; 24 / 44.1 kHz TTS is resampled up to 48 kHz, which keeps every band the input
+has), never from the 16 kHz copy, so a voice keeps its 8-24 kHz. FFmpeg's resampler keeps both
+copies on the input's time axis (sample n of each is input time n / rate: measured on a pulse,
+no offset), so chunk k of each covers the same 10 ms. A chunk's ``pts_s`` is its start on the *source's media clock*: the
 number of samples the source produced before it, divided by 16000 (so chunk k has
 ``pts_s == k / 100`` exactly, as a float). It is counted from samples, never read from a wall
 clock, so it neither drifts nor jitters; it is up to the consumer to place that clock on its
@@ -13,7 +19,7 @@ zero padding. Where the segment's end is only known after its last audio has alr
 yielded (a push source told ``end_of_segment()`` late, a track that stops), the flag travels on
 an extra all-padding chunk with ``valid_samples == 0``.
 
-Resampling to 16 kHz mono uses FFmpeg's resampler (``av.AudioResampler``), kept alive across
+Resampling to 16 kHz mono (and to 48 kHz mono) uses FFmpeg's resampler (``av.AudioResampler``), kept alive across
 pushes and frames so that chunk boundaries do not click, and drained at a segment's end so that
 no tail is lost. Stereo is mixed down as :func:`engine.audio.decode.decode_audio` does.
 """
@@ -37,29 +43,40 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from engine.audio.decode import AudioBlocks
 from engine.errors import AvatarInputError
 
-SAMPLE_RATE_HZ = 16000  # every source yields audio at this rate
+SAMPLE_RATE_HZ = 16000  # every source yields audio at this rate (VAD, features)
 CHUNK_MS = 10  # every chunk is this long (webrtcvad takes 10, 20 or 30 ms frames)
 CHUNK_SAMPLES = SAMPLE_RATE_HZ * CHUNK_MS // 1000  # 160 samples per chunk
+PLAYBACK_RATE_HZ = 48000  # the full-band copy played with the frames (Opus and AAC run at 48 kHz)
+PLAYBACK_FACTOR = PLAYBACK_RATE_HZ // SAMPLE_RATE_HZ  # 3 playback samples per feature sample
+PLAYBACK_CHUNK_SAMPLES = CHUNK_SAMPLES * PLAYBACK_FACTOR  # 480 samples per chunk
 
 
 class AudioDeviceUnavailable(AvatarInputError):
-    """PortAudio is missing, or no audio input device can record 16 kHz mono float32."""
+    """PortAudio is missing, or no audio input device can record 48 kHz mono float32."""
 
 
 @dataclass(frozen=True, eq=False)
 class AudioChunk:
-    """10 ms of 16 kHz mono audio with its time on the source's media clock."""
+    """10 ms of 16 kHz mono audio with its time on the source's media clock (and the same 10 ms at 48 kHz)."""
 
     pcm: np.ndarray = field(repr=False)  # (160,) float32 in [-1, 1], read-only; zero past valid_samples
     pts_s: float  # start of the chunk on the source's media clock: samples before it / 16000
     end_of_segment: bool = False  # the last chunk of a segment (utterance, file, track)
     valid_samples: int = CHUNK_SAMPLES  # leading samples that are audio (< 160 only at a segment end)
+    # (480,) float32 at 48 kHz, read-only: the same 10 ms at full band, what is played back (zero past
+    # 3 * valid_samples); None: the source made none (the pipeline then upsamples pcm, band-limited to 8 kHz)
+    playback: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.pcm.shape != (CHUNK_SAMPLES,) or self.pcm.dtype != np.float32:
             raise ValueError(
                 f"AudioChunk.pcm must be ({CHUNK_SAMPLES},) float32, "
                 f"got {self.pcm.shape} {self.pcm.dtype}"
+            )
+        if self.playback is not None and (self.playback.shape != (PLAYBACK_CHUNK_SAMPLES,) or self.playback.dtype != np.float32):
+            raise ValueError(
+                f"AudioChunk.playback must be ({PLAYBACK_CHUNK_SAMPLES},) float32, "
+                f"got {self.playback.shape} {self.playback.dtype}"
             )
         if not 0 <= self.valid_samples <= CHUNK_SAMPLES:
             raise ValueError(f"valid_samples must be in [0, {CHUNK_SAMPLES}], got {self.valid_samples}")
@@ -77,11 +94,18 @@ class Rechunker:
 
     Samples that do not fill a chunk wait for the next :meth:`push`. The chunks' ``pts_s`` come
     from a sample counter: the index of a chunk's first sample divided by 16000.
+
+    With ``playback=True`` every push also brings the same audio at 48 kHz (``playback=``), and a
+    chunk is cut once both copies fill it (the two resamplers release their samples a little
+    apart); at a segment's end the 16 kHz copy decides how many chunks there are, the 48 kHz copy
+    is cut beside it (zero-padded where it is short, its last few samples dropped where it is long).
     """
 
-    def __init__(self, *, start_sample: int = 0) -> None:
-        self._pending = np.zeros(0, dtype=np.float32)  # (n < 160,) samples not yet in a chunk
+    def __init__(self, *, start_sample: int = 0, playback: bool = False) -> None:
+        self._pending = np.zeros(0, dtype=np.float32)  # (n,) 16 kHz samples not yet in a chunk
         self._next_sample = start_sample  # sample index where the next chunk starts
+        self.playback = playback  # chunks carry the 48 kHz copy too
+        self._pending_wide = np.zeros(0, dtype=np.float32)  # (m,) 48 kHz samples not yet in a chunk
 
     @property
     def pending_samples(self) -> int:
@@ -96,55 +120,86 @@ class Rechunker:
     def reset(self, *, start_sample: int) -> None:
         """Drop the pending samples and restart the counter at ``start_sample``."""
         self._pending = np.zeros(0, dtype=np.float32)
+        self._pending_wide = np.zeros(0, dtype=np.float32)
         self._next_sample = start_sample
 
-    def _make(self, pcm: np.ndarray, *, end_of_segment: bool, valid_samples: int) -> AudioChunk:
+    def _make(self, pcm: np.ndarray, wide: np.ndarray | None, *, end_of_segment: bool, valid_samples: int) -> AudioChunk:
         pcm.setflags(write=False)
+        if wide is not None:
+            wide.setflags(write=False)
         chunk = AudioChunk(
             pcm=pcm,
             pts_s=self._next_sample / SAMPLE_RATE_HZ,
             end_of_segment=end_of_segment,
             valid_samples=valid_samples,
+            playback=wide,
         )
         self._next_sample += CHUNK_SAMPLES
         return chunk
 
-    def push(self, samples: np.ndarray, *, end_of_segment: bool = False) -> list[AudioChunk]:
-        """Append ``samples`` (16 kHz mono float, shape (n,)) and cut chunks.
+    def push(self, samples: np.ndarray, *, playback: np.ndarray | None = None, end_of_segment: bool = False) -> list[AudioChunk]:
+        """Append ``samples`` (16 kHz mono float, shape (n,)) and, with ``playback=True`` at
+        construction, ``playback`` (the same audio at 48 kHz, shape (about 3n,)); cut chunks.
 
         With ``end_of_segment=True`` the remainder is zero-padded into a last chunk and that
         chunk is flagged; if nothing remains, the last chunk cut here is flagged instead; if
         this call cuts no chunk at all, an all-padding flagged chunk (``valid_samples=0``)
         carries the flag.
         """
+        if self.playback != (playback is not None):
+            raise ValueError("a Rechunker(playback=True) takes playback= with every push, and only it does")
         x = np.asarray(samples, dtype=np.float32).reshape(-1)  # (n,)
         if self._pending.size:
             x = np.concatenate([self._pending, x])
         # clip makes a fresh array: chunks never alias a caller's (or PortAudio's) buffer
         x = np.clip(x, -1.0, 1.0)
+        w = None
         n_full = x.size // CHUNK_SAMPLES
+        if playback is not None:
+            w = np.asarray(playback, dtype=np.float32).reshape(-1)  # (m,) at 48 kHz
+            if self._pending_wide.size:
+                w = np.concatenate([self._pending_wide, w])
+            w = np.clip(w, -1.0, 1.0)
+            n_full = min(n_full, w.size // PLAYBACK_CHUNK_SAMPLES)
+        W = PLAYBACK_CHUNK_SAMPLES
         chunks = [
             self._make(
                 x[i * CHUNK_SAMPLES : (i + 1) * CHUNK_SAMPLES],
+                None if w is None else w[i * W : (i + 1) * W],
                 end_of_segment=False,
                 valid_samples=CHUNK_SAMPLES,
             )
             for i in range(n_full)
         ]
         rest = x[n_full * CHUNK_SAMPLES :]
+        wrest = None if w is None else w[n_full * W :]
         if not end_of_segment:
             self._pending = rest.copy()  # a copy, so that the chunks' buffer is not kept writable
+            if wrest is not None:
+                self._pending_wide = wrest.copy()
             return chunks
         self._pending = np.zeros(0, dtype=np.float32)
-        if rest.size:
+        self._pending_wide = np.zeros(0, dtype=np.float32)
+        while rest.size:  # one chunk (two, if the 48 kHz copy lagged behind) of the rest, zero-padded
+            take = min(CHUNK_SAMPLES, rest.size)
             pcm = np.zeros(CHUNK_SAMPLES, dtype=np.float32)
-            pcm[: rest.size] = rest
-            chunks.append(self._make(pcm, end_of_segment=True, valid_samples=int(rest.size)))
-        elif chunks:
+            pcm[:take] = rest[:take]
+            wide = None
+            if wrest is not None:
+                wide = np.zeros(W, dtype=np.float32)
+                m = min(W if take == CHUNK_SAMPLES else take * PLAYBACK_FACTOR, wrest.size)
+                wide[:m] = wrest[:m]
+                wrest = wrest[W:]
+            rest = rest[take:]
+            chunks.append(self._make(pcm, wide, end_of_segment=not rest.size, valid_samples=int(take)))
+            if not rest.size:
+                return chunks
+        if chunks:
             chunks[-1] = replace(chunks[-1], end_of_segment=True)
         else:
             chunks.append(
-                self._make(np.zeros(CHUNK_SAMPLES, dtype=np.float32), end_of_segment=True, valid_samples=0)
+                self._make(np.zeros(CHUNK_SAMPLES, dtype=np.float32),
+                           None if w is None else np.zeros(W, dtype=np.float32), end_of_segment=True, valid_samples=0)
             )
         return chunks
 
@@ -155,13 +210,14 @@ def _layout_name(channels: int) -> str:
 
 
 class _Resampler:
-    """``av.AudioResampler`` to 16 kHz mono float32 that keeps its filter state across calls.
+    """``av.AudioResampler`` to 16 kHz (or ``rate_hz``) mono float32 that keeps its filter state across calls.
 
     When the input's format, layout or rate changes, the old resampler is drained (its tail
     kept) and a new one is built, as :func:`engine.audio.decode.decode_audio` does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rate_hz: int = SAMPLE_RATE_HZ) -> None:
+        self.rate_hz = rate_hz  # of the output
         self._resampler: av.AudioResampler | None = None
         self._setup: tuple[str, str, int] | None = None  # (format, layout, rate) it was built for
 
@@ -176,7 +232,7 @@ class _Resampler:
         if self._resampler is not None and setup != self._setup:
             parts.append(self.flush())
         if self._resampler is None:
-            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE_HZ)
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate_hz)
             self._setup = setup
         parts.extend(self._take(self._resampler.resample(frame)))
         return _concat(parts)
@@ -204,6 +260,40 @@ class _Resampler:
         """Forget the buffered tail (barge-in): the next input starts a fresh resampler."""
         self._resampler = None
         self._setup = None
+
+
+class Upsampler:
+    """16 kHz -> 48 kHz: a Kaiser-windowed sinc low-pass applied polyphase, with its state kept
+    across calls, so every call returns exactly 3 output samples per input sample (a frame's span
+    stays its span) and chunk boundaries do not click. Delay: (taps - 1) / 2 = 24 output samples
+    (0.5 ms). Only for chunks a source made without their 48 kHz copy (nothing above 8 kHz)."""
+
+    factor = PLAYBACK_FACTOR  # 3
+
+    def __init__(self, *, taps_per_phase: int = 16, cutoff_hz: float = 7200.0, beta: float = 7.0):
+        n_taps = taps_per_phase * self.factor + 1
+        n = np.arange(n_taps) - (n_taps - 1) / 2
+        fc = cutoff_hz / PLAYBACK_RATE_HZ  # cycles per output sample
+        h = 2 * fc * np.sinc(2 * fc * n) * np.kaiser(n_taps, beta)
+        h *= self.factor / h.sum()  # unity gain after zero-stuffing
+        k = -(-n_taps // self.factor)  # taps per phase, rounded up
+        h = np.pad(h, (0, k * self.factor - n_taps))
+        self._phases = [h[p :: self.factor].astype(np.float32) for p in range(self.factor)]  # each (k,)
+        self._hist = np.zeros(k - 1, np.float32)  # the last k - 1 input samples
+
+    def process(self, x: np.ndarray) -> np.ndarray:
+        """(n,) float32 at 16 kHz -> (3n,) float32 at 48 kHz."""
+        x = np.asarray(x, np.float32).reshape(-1)
+        buf = np.concatenate([self._hist, x])  # (k - 1 + n,)
+        out = np.empty(x.size * self.factor, np.float32)
+        for p, hp in enumerate(self._phases):
+            out[p :: self.factor] = np.convolve(buf, hp, mode="valid")  # y[3m + p] = sum_k h[3k + p] x[m - k]
+        self._hist = buf[buf.size - self._hist.size :]
+        return out
+
+    def reset(self) -> None:
+        """Forget the history (a new segment starts from silence)."""
+        self._hist[:] = 0.0
 
 
 class AudioSource(ABC):
@@ -247,20 +337,26 @@ class FileSource(AudioSource):
     where it is found, by the ``__anext__`` that reaches it. With ``realtime=True`` chunk k is
     released at ``t0 + k * 10 ms`` on the event loop's clock, t0 being when chunk 0 was released;
     deadlines are absolute, so no drift accumulates, and a consumer that stalls receives the chunks
-    that fell due at once rather than shifting the rest of the file later.
+    that fell due at once rather than shifting the rest of the file later. With ``playback=True``
+    (the default) a second decoder gives the chunks their 48 kHz copy, in step with the first;
+    ``avatar render`` takes the file's audio track from the file itself and passes False.
     """
 
-    def __init__(self, path: str | os.PathLike, *, realtime: bool, read_ahead_s: float = 1.0) -> None:
+    def __init__(self, path: str | os.PathLike, *, realtime: bool, read_ahead_s: float = 1.0, playback: bool = True) -> None:
         if not read_ahead_s > 0:
             raise ValueError(f"read_ahead_s must be positive, got {read_ahead_s}")
         self.path = Path(path)  # the media file (any container PyAV opens with an audio stream)
         self.realtime = realtime  # pace chunks at 10 ms on the loop clock, else as fast as taken
         self.live = realtime  # paced: released as if captured; else ahead of real time (AudioSource.live)
         self.read_ahead_s = read_ahead_s  # decoded per executor call (and so held at most, plus one block)
+        self.playback = playback  # chunks carry the 48 kHz copy (a second decoder)
         self._decoder: AudioBlocks | None = None
         self._blocks: Iterator[np.ndarray] | None = None  # the decoder's iterator, after the first __anext__
+        self._wide_blocks: Iterator[np.ndarray] | None = None  # the 48 kHz decoder's iterator (playback)
+        self._wide: list[np.ndarray] = []  # 48 kHz samples decoded and not yet given to the rechunker
+        self._wide_n = 0  # their count
         self._held: np.ndarray | None = None  # the last block decoded, held until it is known whether it is the file's last
-        self._rechunker = Rechunker()
+        self._rechunker = Rechunker(playback=playback)
         self._ready: deque[AudioChunk] = deque()  # chunks decoded and not yet yielded
         self._decoded_all = False  # the decoder is exhausted: the last chunk is cut (and flagged)
         self._index = 0  # index of the next chunk to yield
@@ -272,22 +368,45 @@ class FileSource(AudioSource):
         """Duration of the decoded audio in seconds, once the whole file was decoded (None before)."""
         return self._decoder.samples / SAMPLE_RATE_HZ if self._decoded_all and self._decoder is not None else None
 
+    def _wide_take(self, n: int | None) -> np.ndarray | None:
+        """The next ``n`` samples of the 48 kHz copy (fewer at its end; None: all that is left), or None without playback."""
+        if not self.playback:
+            return None
+        if self._wide_blocks is None:  # closed meanwhile (aclose): what this decode makes is dropped anyway
+            return np.zeros(n or 0, np.float32)
+        while n is None or self._wide_n < n:
+            try:
+                block = next(self._wide_blocks)
+            except StopIteration:
+                break
+            self._wide.append(block)
+            self._wide_n += block.size
+        x = _concat(self._wide)
+        n = x.size if n is None else min(n, x.size)
+        rest = x[n:]
+        self._wide, self._wide_n = ([rest] if rest.size else []), int(rest.size)
+        return x[:n]
+
     def _decode_more(self) -> list[AudioChunk]:
         """In an executor: about ``read_ahead_s`` more chunks; the file's last chunk carries end_of_segment."""
         if self._blocks is None:
             self._decoder = AudioBlocks(self.path, sample_rate_hz=SAMPLE_RATE_HZ)
             self._blocks = iter(self._decoder)
+            if self.playback:
+                self._wide_blocks = iter(AudioBlocks(self.path, sample_rate_hz=PLAYBACK_RATE_HZ))
         blocks, out = self._blocks, []
         want = max(1, int(self.read_ahead_s * SAMPLE_RATE_HZ) // CHUNK_SAMPLES)
         while len(out) < want and not self._closed:
             try:
                 block = next(blocks)
             except StopIteration:
-                out.extend(self._rechunker.push(self._held if self._held is not None else np.zeros(0, np.float32), end_of_segment=True))
+                held = self._held if self._held is not None else np.zeros(0, np.float32)
+                out.extend(self._rechunker.push(held, playback=self._wide_take(None), end_of_segment=True))
                 self._held, self._decoded_all = None, True
+                self._wide_blocks, self._wide = None, []
                 break
             if self._held is not None:
-                out.extend(self._rechunker.push(self._held))
+                out.extend(self._rechunker.push(self._held, playback=self._wide_take(self._held.size * PLAYBACK_FACTOR)))
             self._held = block
         return out
 
@@ -320,6 +439,7 @@ class FileSource(AudioSource):
         self._ready.clear()
         self._held = None
         self._blocks = None  # the decoder closes its file when dropped (after a decode still running, if any)
+        self._wide_blocks, self._wide = None, []
 
 
 def _is_int(value: object) -> bool:
@@ -347,8 +467,12 @@ class PushSource(AudioSource):
         self.max_buffer_s = max_buffer_s  # push_audio refuses audio that would queue more than this
         self._lock = threading.Lock()  # guards everything below: pushes may come from threads
         self._queue: deque[AudioChunk] = deque()  # chunks cut and not yet yielded
-        self._rechunker = Rechunker()
-        self._resampler = _Resampler()
+        self._rechunker = Rechunker(playback=True)
+        self._resampler = _Resampler()  # -> 16 kHz, for VAD and features
+        self._wide_resampler = _Resampler(PLAYBACK_RATE_HZ)  # -> 48 kHz, played back (a 48 kHz push passes through)
+        # a 16 kHz push has nothing above 8 kHz: its 48 kHz copy is upsampled from the 16 kHz one, which holds
+        # nothing back (FFmpeg's 16 -> 48 kHz holds 1 ms, and a piece's last chunk would wait for the next piece)
+        self._up = Upsampler()
         self._next_yield_sample = 0  # sample index after the last yielded chunk
         self._segment_open = False  # audio was pushed since the last end of segment
         self._open_segment_yielded = False  # the consumer has seen part of a segment but not its end
@@ -433,7 +557,11 @@ class PushSource(AudioSource):
             samples = self._resampler.process_array(
                 x, sample_rate_hz=int(sample_rate_hz), channels=int(channels)
             )
-            self._queue.extend(self._rechunker.push(samples))
+            if sample_rate_hz == SAMPLE_RATE_HZ:
+                wide = _concat([self._wide_resampler.flush(), self._up.process(samples)])  # (a tail if the rate changed)
+            else:
+                wide = self._wide_resampler.process_array(x, sample_rate_hz=int(sample_rate_hz), channels=int(channels))
+            self._queue.extend(self._rechunker.push(samples, playback=wide))
             self._segment_open = True
         self._wake()
 
@@ -441,6 +569,7 @@ class PushSource(AudioSource):
         if not self._segment_open:
             return
         tail = self._resampler.flush()
+        wide_tail = self._wide_resampler.flush()
         if (
             tail.size == 0
             and self._rechunker.pending_samples == 0
@@ -449,7 +578,7 @@ class PushSource(AudioSource):
         ):
             self._queue[-1] = replace(self._queue[-1], end_of_segment=True)
         else:
-            self._queue.extend(self._rechunker.push(tail, end_of_segment=True))
+            self._queue.extend(self._rechunker.push(tail, playback=wide_tail, end_of_segment=True))
         self._segment_open = False
 
     def end_of_segment(self) -> None:
@@ -471,10 +600,12 @@ class PushSource(AudioSource):
             dropped = self._available_samples_locked()
             self._queue.clear()
             self._resampler.reset()
+            self._wide_resampler.reset()
+            self._up.reset()
             self._rechunker.reset(start_sample=self._next_yield_sample)
             self._segment_open = False
             if self._open_segment_yielded:
-                self._queue.extend(self._rechunker.push(np.zeros(0, np.float32), end_of_segment=True))
+                self._queue.extend(self._rechunker.push(np.zeros(0, np.float32), playback=np.zeros(0, np.float32), end_of_segment=True))
         self._wake()
         return dropped / SAMPLE_RATE_HZ
 
@@ -516,6 +647,7 @@ class PushSource(AudioSource):
             self._queue.clear()
             self._rechunker.reset(start_sample=self._next_yield_sample)
             self._resampler.reset()
+            self._wide_resampler.reset()
         self._wake()
 
 
@@ -542,7 +674,8 @@ def _import_sounddevice(device: int | str | None = None) -> ModuleType:
 
 
 class MicrophoneSource(AudioSource):
-    """A live microphone through PortAudio (sounddevice): 16 kHz mono float32, 10 ms blocks.
+    """A live microphone through PortAudio (sounddevice): 48 kHz mono float32, 10 ms blocks, kept
+    as the chunks' playback copy and resampled to 16 kHz (FFmpeg's resampler, in the callback) for the rest.
 
     The device is checked in the constructor (raising :class:`AudioDeviceUnavailable` with the
     cause) and opened at the first ``__anext__``. PortAudio's callback thread cuts chunks and
@@ -561,11 +694,12 @@ class MicrophoneSource(AudioSource):
         self._sd = _import_sounddevice(device)
         try:
             self._sd.check_input_settings(
-                device=device, channels=1, dtype="float32", samplerate=SAMPLE_RATE_HZ
+                device=device, channels=1, dtype="float32", samplerate=PLAYBACK_RATE_HZ
             )
         except (self._sd.PortAudioError, ValueError) as e:
             raise AudioDeviceUnavailable(self._unavailable_message(e)) from e
-        self._rechunker = Rechunker()  # used only by PortAudio's callback thread
+        self._rechunker = Rechunker(playback=True)  # used only by PortAudio's callback thread
+        self._resampler = _Resampler()  # 48 -> 16 kHz, in PortAudio's callback thread
         self._queue: asyncio.Queue[AudioChunk | None] | None = None  # None: end of stream
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: Any = None  # sounddevice.InputStream once started
@@ -574,7 +708,7 @@ class MicrophoneSource(AudioSource):
     def _unavailable_message(self, e: BaseException) -> str:
         which = _describe_input_device(self.device)
         return (
-            f"no audio input device: {which} cannot record {SAMPLE_RATE_HZ} Hz mono float32 "
+            f"no audio input device: {which} cannot record {PLAYBACK_RATE_HZ} Hz mono float32 "
             f"({e}); connect a microphone or pass device= one of sounddevice.query_devices()"
         )
 
@@ -592,7 +726,9 @@ class MicrophoneSource(AudioSource):
         """PortAudio's thread: cut the (frames, 1) block into chunks and hand them to the loop."""
         if status.input_overflow:
             self.input_overflows += 1
-        chunks = self._rechunker.push(indata[:, 0])  # push copies: PortAudio reuses indata
+        wide = np.array(indata[:, 0], dtype=np.float32)  # (frames,) a copy: PortAudio reuses indata
+        samples = self._resampler.process_array(wide, sample_rate_hz=PLAYBACK_RATE_HZ, channels=1)
+        chunks = self._rechunker.push(samples, playback=wide)
         loop = self._loop
         if chunks and loop is not None:
             try:
@@ -606,8 +742,8 @@ class MicrophoneSource(AudioSource):
         sd = self._sd
         try:
             stream = sd.InputStream(
-                samplerate=SAMPLE_RATE_HZ,
-                blocksize=CHUNK_SAMPLES,
+                samplerate=PLAYBACK_RATE_HZ,
+                blocksize=PLAYBACK_CHUNK_SAMPLES,
                 device=self.device,
                 channels=1,
                 dtype="float32",
@@ -646,8 +782,9 @@ class MicrophoneSource(AudioSource):
 class TrackSource(AudioSource):
     """An aiortc audio track (a WebRTC peer's microphone), resampled and cut into 10 ms chunks.
 
-    Frames from ``await track.recv()`` (typically 48 kHz stereo s16, 20 ms) go through one
-    ``av.AudioResampler`` kept across frames. When the track ends (aiortc raises
+    Frames from ``await track.recv()`` (typically 48 kHz stereo s16, 20 ms) go through two
+    ``av.AudioResampler``\\ s kept across frames: to 16 kHz mono (VAD, features) and to 48 kHz mono
+    (played back: the peer's full band, only mixed down). When the track ends (aiortc raises
     ``MediaStreamError``) the resampler is drained, the last chunk is flagged
     ``end_of_segment`` and the iterator ends. ``pts_s`` counts samples received, not the RTP
     timestamps: packets lost upstream shift nothing here. The track is not stopped by
@@ -659,7 +796,8 @@ class TrackSource(AudioSource):
             raise ValueError(f"TrackSource needs an audio track, got kind={getattr(track, 'kind', None)!r}")
         self.track = track  # the aiortc track read from
         self._resampler = _Resampler()
-        self._rechunker = Rechunker()
+        self._wide_resampler = _Resampler(PLAYBACK_RATE_HZ)
+        self._rechunker = Rechunker(playback=True)
         self._ready: deque[AudioChunk] = deque()  # chunks cut and not yet yielded
         self._any_audio = False  # at least one sample arrived (so the segment needs an end)
         self._ended = False  # the track ended
@@ -674,14 +812,16 @@ class TrackSource(AudioSource):
             except MediaStreamError:
                 self._ended = True
                 tail = self._resampler.flush()
+                wide_tail = self._wide_resampler.flush()
                 if self._any_audio or tail.size:
-                    self._ready.extend(self._rechunker.push(tail, end_of_segment=True))
+                    self._ready.extend(self._rechunker.push(tail, playback=wide_tail, end_of_segment=True))
                 continue
             if self._closed:
                 raise StopAsyncIteration
             samples = self._resampler.process_frame(frame)
+            wide = self._wide_resampler.process_frame(frame)
             self._any_audio = self._any_audio or frame.samples > 0
-            self._ready.extend(self._rechunker.push(samples))
+            self._ready.extend(self._rechunker.push(samples, playback=wide))
         return self._ready.popleft()
 
     async def aclose(self) -> None:
