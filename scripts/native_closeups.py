@@ -1,6 +1,8 @@
 """Mouth close-ups at the portrait's native resolution, and the detail kept (issue 13).
 
     python scripts/native_closeups.py --out docs/eval/native [--old-bundle DIR]
+    python scripts/native_closeups.py --out docs/eval/mouth --row "patch (first)=engine/bundles/lower_face:patch" \
+        --row "native, lower_face=runs/lower_face_bundle:native" --row "native, mouth (new)=engine/bundles/default:native"
 
 For each portrait (hallo 1 at 1280 px and the demo astronaut, neither ever trained on) driven by
 a real voice: the same frames rendered by the patch compositor (the first bundle's way: the whole
@@ -46,6 +48,8 @@ def main() -> None:
     ap.add_argument("--bundle", default=None, help="bundle of the native path (default: the shipped one)")
     ap.add_argument("--old-bundle", default=None, help="bundle of the patch path (default: the same)")
     ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--row", action="append", default=[], metavar="LABEL=BUNDLE:COMPOSITOR",
+                    help="a row of the close-ups (repeatable; replaces the default patch and native rows)")
     a = ap.parse_args()
     from engine.audio.decode import decode_audio
     from engine.avatar import load_portrait, prepare_avatar
@@ -58,7 +62,17 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {"patch": load_bundle(a.old_bundle or a.bundle), "native": load_bundle(a.bundle)}
+    rows_spec = [("patch (old)", a.old_bundle or a.bundle, "patch"), ("native (new)", a.bundle, "native")]
+    if a.row:
+        rows_spec = []
+        for spec in a.row:
+            label, _, rest = spec.partition("=")
+            bundle, _, comp = rest.rpartition(":")
+            if not label or not bundle or comp not in ("patch", "native"):
+                raise SystemExit(f"--row {spec!r}: expected LABEL=BUNDLE:patch|native")
+            rows_spec.append((label, bundle, comp))
+    runs = {label: load_bundle(b) for label, b, _ in rows_spec}
+    comps = {label: c for label, _, c in rows_spec}
     rts = {k: load_runtime(b, "auto", threads=2) for k, b in runs.items()}
     report = {}
     for name, (portrait, audio) in PORTRAITS.items():
@@ -68,7 +82,7 @@ def main() -> None:
         frames, rep = {}, {"portrait": portrait, "audio": audio, "frames": n, "image_px": list(img.shape[:2])}
         for kind, rt in rts.items():
             av = prepare_avatar(img, rt, crop_size_px=runs[kind].crop_size_px)
-            g = FrameGenerator(rt, av, seed=0, blinks=False, compositor=kind)
+            g = FrameGenerator(rt, av, seed=0, blinks=False, compositor=comps[kind])
             feats = g.audio_features(wave, n)
             lms = g.landmarks(feats)
             t0 = time.perf_counter()
@@ -82,16 +96,17 @@ def main() -> None:
             base = sharpness_native(img, lower, upper)
             lm_full = np.repeat(av.landmarks[None], n, axis=0).copy()
             lm_full[:, g.moving] = from_patch_units(lms.numpy())
-            rep[kind] = {"ms_per_frame_2_threads": round(ms, 1),
+            rep[kind] = {"bundle": str(runs[kind].path), "compositor": comps[kind], "region": runs[kind].region.name,
+                         "crop_size_px": s, "ms_per_frame_2_threads": round(ms, 1),
                          "sharpness_ratio": float(np.mean([sharpness_native(f, lower, upper) for f in frames[kind]]) / base),
-                         "a2l_opening_std_px_at_256": float(opening_from_landmarks(lm_full).std() * s),
+                         "a2l_opening_std_px_at_256": float(opening_from_landmarks(lm_full).std() * 256),
                          "face_crop_side_px": float(s / np.sqrt(abs(np.linalg.det(av.affine[:, :2]))))}
         x0, y0, x1, y1 = mouth
         pick = np.linspace(n * 0.1, n * 0.9, 6).astype(int)
         rows = [np.concatenate([img[y0:y1, x0:x1]] * len(pick), axis=1)]
-        rows += [np.concatenate([frames[k][i][y0:y1, x0:x1] for i in pick], axis=1) for k in ("patch", "native")]
+        rows += [np.concatenate([frames[k][i][y0:y1, x0:x1] for i in pick], axis=1) for k in runs]
         strip = np.concatenate(rows, axis=0)
-        for r, label in enumerate(("portrait", "patch (old)", "native (new)")):
+        for r, label in enumerate(("portrait", *runs)):
             cv2.putText(strip, label, (6, r * (y1 - y0) + 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2, cv2.LINE_AA)
         cv2.imwrite(str(out / f"closeups_{name}.jpg"), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         report[name] = rep
