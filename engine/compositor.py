@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from engine.face.geometry import OPENING_PAIRS, index_sets
+from engine.face.mask import grow_and_feather
 
 
 @dataclass(frozen=True)
@@ -36,19 +36,10 @@ def mouth_opening(lm: np.ndarray) -> float:
 def interior_mask(lm_crop_units: np.ndarray, size_px: int, config: InteriorConfig = InteriorConfig()) -> np.ndarray:
     """The mouth interior (S, S) float32 in [0, 1] of landmarks (478, 2+) in crop units: the inner-lip
     polygon, grown and feathered; zeros when the mouth is (nearly) closed."""
-    mask = np.zeros((size_px, size_px), np.float32)
     if mouth_opening(lm_crop_units) < config.min_opening:
-        return mask
+        return np.zeros((size_px, size_px), np.float32)
     poly = lm_crop_units[index_sets()["lips_inner"], :2] * size_px
-    m8 = np.zeros((size_px, size_px), np.uint8)
-    cv2.fillPoly(m8, [np.round(poly * 4).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=2)
-    k = int(round(config.dilate * size_px))
-    if k > 0:
-        m8 = cv2.dilate(m8, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
-    sigma = max(config.feather * size_px, 0.5)
-    out = cv2.GaussianBlur(m8.astype(np.float32) / 255.0, (0, 0), sigmaX=sigma)
-    out[out < 1.0 / 255.0] = 0.0
-    return np.clip(out, 0.0, 1.0)
+    return grow_and_feather(poly, size_px, dilate_px=int(round(config.dilate * size_px)), sigma_px=max(config.feather * size_px, 0.5))
 
 
 def new_interior(target: np.ndarray, source_warped: np.ndarray) -> np.ndarray:

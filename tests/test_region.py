@@ -69,3 +69,23 @@ def test_an_avatar_of_another_region_is_refused(mouth_runtime, tmp_path):
     av = prepare_avatar(load_portrait(DEMO / "astronaut.jpg"), other)
     with pytest.raises(ValueError, match="lower_face region, the bundle generates mouth"):
         FrameGenerator(mouth_runtime, av)
+
+
+def test_masks_computed_in_a_window_equal_the_whole_square():
+    from engine.compositor import InteriorConfig
+    from engine.face.mask import grow_and_feather
+
+    rng = np.random.default_rng(1)
+    lm = template()[:, :2].astype(np.float32)
+    for s in (256, 512):
+        for _ in range(3):
+            pts = lm + rng.normal(0, 0.004, lm.shape).astype(np.float32)
+            lips = pts[index_sets()["lips"]] * s
+            for convex, k, sigma in ((True, int(round(0.04 * s)), 0.02 * s), (False, int(round(InteriorConfig().dilate * s)), 3.0)):
+                a = grow_and_feather(lips, s, dilate_px=k, sigma_px=sigma, convex=convex)
+                b = grow_and_feather(lips, s, dilate_px=k, sigma_px=sigma, convex=convex, window=False)
+                assert np.abs(a - b).max() < 1e-5
+    # a polygon at the crop's edge: the window is clamped, still equal
+    edge = np.array([[0, 0], [40, 2], [35, 30], [2, 25]], np.float32)
+    np.testing.assert_allclose(grow_and_feather(edge, 128, dilate_px=4, sigma_px=3.0),
+                               grow_and_feather(edge, 128, dilate_px=4, sigma_px=3.0, window=False), atol=1e-5)
