@@ -169,6 +169,16 @@ def _cmd_bench_pipeline(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_agent(a: argparse.Namespace) -> int:
+    from benchmarks.voice_agent import bench_agent, summary
+
+    r = bench_agent(a.out, replies=a.replies, reply_s=a.reply_s, barge_ins=a.barge_ins, bundle=a.bundle, backend=a.backend,
+                    threads=a.threads, precision=a.precision, livekit=not a.no_livekit)
+    print(summary(r))
+    print(f"wrote {a.out}")
+    return 0
+
+
 def _cmd_distill(a: argparse.Namespace) -> int:
     from engine.training.distill_bundle import distill_bundle
     from engine.training.loop import TrainingInterrupted
@@ -419,6 +429,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-webrtc", action="store_true", help="the pipeline only (no server, no client)")
     p.add_argument("--no-relay", action="store_true", help="no TURN relay run (it needs coturn's turnserver)")
     p.set_defaults(func=_cmd_bench_audio)
+    p = bsub.add_parser("agent", help="a voice agent's replies through the pipecat adapter (a real pipecat pipeline) and the LiveKit "
+                                      "adapter (livekit-agents' AvatarRunner): first avatar frame after the first TTS audio, segment "
+                                      "end, lips/audio offset, barge-in")
+    p.add_argument("--out", default="docs/benchmarks/voice_agent.json", help="JSON report (default: %(default)s)")
+    p.add_argument("--replies", type=int, default=20, help="replies per adapter (default 20)")
+    p.add_argument("--reply-s", type=float, default=1.0, help="seconds of the demo voice per reply (default 1)")
+    p.add_argument("--barge-ins", type=int, default=2, help="extra one-reply runs interrupted after 0.5 s (default 2)")
+    p.add_argument("--no-livekit", action="store_true", help="the pipecat adapter only")
+    p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
+    _runtime_args(p)
+    p.set_defaults(func=_cmd_bench_agent)
     p = bsub.add_parser("gpu", help="the per-frame path on one GPU, torch only (a bare CUDA machine): ms per frame at batch 1-32 "
                                     "in fp32 / bf16 / compiled, memory per session, sessions at 25 fps (scripts/gpu_check.sh)")
     from benchmarks.gpu import add_arguments as _bench_gpu_arguments, run_args as _cmd_bench_gpu  # numpy only; torch when run

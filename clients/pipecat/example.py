@@ -187,12 +187,14 @@ class AgentRun:
 
 async def run_agent(runtime, avatar, *, voice: str | Path = DEMO_VOICE, replies: int = 1, max_reply_s: float | None = 3.0,
                     barge_in_after_s: float | None = None, config: PipelineConfig | None = None,
-                    tts_speed: float = 2.0, idle_audio: bool = False, timeout_s: float = 120.0) -> AgentRun:
+                    tts_speed: float = 2.0, idle_audio: bool = False, timeout_s: float = 120.0,
+                    processor_cls: type[AvatarVideoProcessor] = AvatarVideoProcessor) -> AgentRun:
     """Run the agent: ``replies`` replies one after the other (each waits until the bot stopped
     speaking), the first one interrupted ``barge_in_after_s`` after the bot started speaking if
-    given, then an EndFrame. Bounded by ``timeout_s`` (the pipeline is cancelled past it)."""
+    given, then an EndFrame. Bounded by ``timeout_s`` (the pipeline is cancelled past it).
+    ``processor_cls``: the avatar processor (a subclass that records its frames: benchmarks/voice_agent.py)."""
     tts = WavTTS(voice, max_s=max_reply_s, speed=tts_speed)
-    av = AvatarVideoProcessor(runtime, avatar, config=config, idle_audio=idle_audio)
+    av = processor_cls(runtime, avatar, config=config, idle_audio=idle_audio)
     h, w = avatar.image.shape[:2]
     out = LocalOutput(TransportParams(audio_out_enabled=True, audio_out_sample_rate=OUT_RATE_HZ, audio_out_end_silence_secs=0,
                                       video_out_enabled=True, video_out_is_live=False, video_out_width=w, video_out_height=h,

@@ -27,8 +27,14 @@ at its slot on a media clock (re-anchored when the engine falls behind by more t
   its first non-silent frame to its end, so the transport reports the bot speaking exactly then).
   Idle frames carry no audio (the transport's ``audio_out_auto_silence`` fills the gaps); with
   ``idle_audio=True`` they carry 40 ms of silence (``OutputAudioRawFrame``), for a transport that
-  needs a continuous stream, at the cost of the frames the transport then holds queued (measured:
-  p95 of the first reply frame played 325 ms after its first TTS audio, against 214 ms without).
+  needs a continuous stream, at the cost of the frames the transport then holds queued (the
+  reply's first frame waits behind that silence in the transport's audio queue).
+
+Latency (``avatar bench agent``, docs/benchmarks/voice_agent.json): a reply's first avatar frame is
+shown 79 ms p50 / 103 ms p95 after its first TTS audio (20 replies, default bundle, 2 shared cores;
+the audio lookahead, 82.5 ms of audio, is ~41 ms of a TTS streaming at 2x real time). The engine's
+pipeline is built before the ``StartFrame`` goes on, and a reply's first frame does not wait for the
+idle frames' clock (see ``_output``).
 
 Events (``@processor.event_handler(...)``): ``on_segment_finished(processor)`` and
 ``on_segment_interrupted(processor)``, when the frame with that marker goes downstream.
@@ -53,7 +59,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from engine.aio import wait_bounded
+from engine.aio import wait_bounded, wait_event
 from engine.avatar import Avatar
 from engine.pipeline.pipeline import OutputFrame, Pipeline, PipelineConfig, SegmentEnd
 from engine.pipeline.sources import PLAYBACK_RATE_HZ, PushSource
@@ -109,6 +115,7 @@ class AvatarVideoProcessor(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if isinstance(frame, StartFrame):
+            await self._make_pipeline()  # before the StartFrame goes on: the pipeline has started when the avatar is ready
             await self.push_frame(frame, direction)
             await self._start()
         elif isinstance(frame, EndFrame):
@@ -127,12 +134,18 @@ class AvatarVideoProcessor(FrameProcessor):
         else:
             await self.push_frame(frame, direction)
 
-    async def _start(self) -> None:
+    async def _make_pipeline(self) -> None:
         if self._pipeline is not None:
             return
         loop = asyncio.get_running_loop()
-        # the generator's setup (portrait warp grids) is not for the event loop
+        # the generator's setup (portrait warp grids, ~0.2 s) is not for the event loop; done before the StartFrame
+        # goes downstream, so that a reply queued when the pipeline started does not wait for it (measured: 185-290 ms)
         self._pipeline = await loop.run_in_executor(None, Pipeline, self.runtime, self.avatar, self.config)
+
+    async def _start(self) -> None:
+        await self._make_pipeline()
+        if self._source is not None or self._pipeline is None:
+            return
         self._source = PushSource(max_buffer_s=self.max_buffer_s)
         self._pipeline.start(self._source)
         self._out_task = self.create_task(self._output(), "avatar-output")
@@ -180,15 +193,21 @@ class AvatarVideoProcessor(FrameProcessor):
         replies) with another frame already waiting behind it is dropped and gives its slot to
         that one: after a reply streamed faster than real time, the engine's idle clock runs
         ahead by the frames buffered for that reply, and the next reply would wait behind them.
-        Reply frames are never dropped here: each one plays at its slot.
+        So is an idle frame waiting for its slot when a frame arrives behind it.
+        Reply frames are never dropped here: each one plays at its slot. A reply's first frame
+        (the first of the engine's timeline after idle frames) does not wait for the idle frames'
+        slot: the clock is re-anchored on it (it waited up to a frame period, 0-45 ms, for the
+        next idle slot; its audio is its own, so lips and audio stay together).
         """
         assert self._pipeline is not None
         pipeline = self._pipeline
         loop = asyncio.get_running_loop()
         period = 1.0 / pipeline.fps
         inbox: asyncio.Queue = asyncio.Queue(maxsize=2)  # OutputFrame, then None (end) or the exception
-        reader = self.create_task(self._read(pipeline, inbox), "avatar-read")
+        arrived = asyncio.Event()  # the reader put something in the inbox
+        reader = self.create_task(self._read(pipeline, inbox, arrived), "avatar-read")
         anchor: float | None = None  # loop time of pts 0
+        after_idle = True  # the last frame sent was idle by the clock (no audio of the engine's timeline)
         try:
             while True:
                 f = await inbox.get()
@@ -196,19 +215,30 @@ class AvatarVideoProcessor(FrameProcessor):
                     return
                 if isinstance(f, BaseException):
                     raise f
-                if f.audio_arrival_s is None and f.segment_end is None and not self._speaking and not inbox.empty():
+                idle = f.audio_arrival_s is None and f.segment_end is None and not self._speaking
+                if idle and not inbox.empty():
                     if anchor is not None:
                         anchor -= period  # the next frame takes this one's slot
                     continue
                 interrupts = self._interrupts
                 now = loop.time()
-                if anchor is None or now - (anchor + f.pts_s) > self.resync_s:
+                if (anchor is None or now - (anchor + f.pts_s) > self.resync_s
+                        or (after_idle and f.audio_arrival_s is not None and anchor + f.pts_s > now)):
                     anchor = now - f.pts_s  # (re)anchor: this frame's slot is now
                 delay = anchor + f.pts_s - now
+                if delay > 0 and idle:  # an idle frame gives its slot to a frame that arrives meanwhile
+                    arrived.clear()
+                    if inbox.empty():
+                        await wait_event(arrived, delay)
+                    if not inbox.empty():
+                        anchor -= period
+                        continue
+                    delay = anchor + f.pts_s - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if interrupts != self._interrupts:
                     continue  # taken before an interruption: its audio was cut
+                after_idle = f.audio_arrival_s is None
                 await self._send(f)
         except asyncio.CancelledError:
             raise
@@ -219,14 +249,17 @@ class AvatarVideoProcessor(FrameProcessor):
                 await self.cancel_task(reader)
 
     @staticmethod
-    async def _read(pipeline: Pipeline, inbox: asyncio.Queue) -> None:
+    async def _read(pipeline: Pipeline, inbox: asyncio.Queue, arrived: asyncio.Event) -> None:
         try:
             async for f in pipeline.frames():
                 await inbox.put(f)
+                arrived.set()
         except Exception as e:  # handed to the pacer, which reports it
             await inbox.put(e)
+            arrived.set()
             return
         await inbox.put(None)
+        arrived.set()
 
     async def _send(self, f: OutputFrame) -> None:
         h, w = f.image.shape[:2]

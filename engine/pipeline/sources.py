@@ -26,6 +26,7 @@ no tail is lost. Stereo is mixed down as :func:`engine.audio.decode.decode_audio
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -214,16 +215,36 @@ class _Resampler:
 
     When the input's format, layout or rate changes, the old resampler is drained (its tail
     kept) and a new one is built, as :func:`engine.audio.decode.decode_audio` does.
+
+    :meth:`cut` ends a segment without tearing the resampler down (a pushed TTS reply's end): a
+    fresh FFmpeg resampler's first call sets up its filter graph, which takes ~8 ms per resampler
+    when other threads hold the GIL (the pipeline's stages), and a reply's first push paid that
+    twice (measured: 12-16 ms of the first avatar frame's latency, benchmarks/voice_agent.py).
     """
+
+    CUT_MS = 10  # silence fed by cut() to bring the held-back tail out (the filter spans ~1 ms)
 
     def __init__(self, rate_hz: int = SAMPLE_RATE_HZ) -> None:
         self.rate_hz = rate_hz  # of the output
         self._resampler: av.AudioResampler | None = None
         self._setup: tuple[str, str, int] | None = None  # (format, layout, rate) it was built for
+        self._channels = 1  # of the input it was built for
+        self._fed = 0  # input samples (per channel) fed since it was built or last cut
+        self._made = 0  # output samples handed out since then
+        self._drop = 0  # output samples still to drop: the silence cut() fed, not yet out
 
     @staticmethod
     def _take(frames: list[av.AudioFrame]) -> list[np.ndarray]:
         return [f.to_ndarray().reshape(-1) for f in frames]  # (1, n) packed mono -> (n,)
+
+    def _out(self, frames: list[av.AudioFrame]) -> np.ndarray:
+        """The resampler's output less the silence still to drop; counted."""
+        y = _concat(self._take(frames))
+        if self._drop:
+            k = min(self._drop, y.size)
+            y, self._drop = y[k:], self._drop - k
+        self._made += y.size
+        return y
 
     def process_frame(self, frame: av.AudioFrame) -> np.ndarray:
         """Resample one frame; returns the (n,) float32 samples the resampler released."""
@@ -234,7 +255,9 @@ class _Resampler:
         if self._resampler is None:
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate_hz)
             self._setup = setup
-        parts.extend(self._take(self._resampler.resample(frame)))
+            self._channels = len(frame.layout.channels)
+        parts.append(self._out(self._resampler.resample(frame)))
+        self._fed += frame.samples
         return _concat(parts)
 
     def process_array(self, interleaved: np.ndarray, *, sample_rate_hz: int, channels: int) -> np.ndarray:
@@ -252,14 +275,42 @@ class _Resampler:
         """Drain the buffered tail; the next input starts a fresh resampler."""
         if self._resampler is None:
             return np.zeros(0, dtype=np.float32)
-        tail = _concat(self._take(self._resampler.resample(None)))
+        tail = self._out(self._resampler.resample(None))
         self.reset()
         return tail
 
+    def cut(self) -> np.ndarray:
+        """The buffered tail of the audio fed so far, as :meth:`flush` gives it, keeping the resampler
+        (no new filter graph at the next input): ``CUT_MS`` of silence brings the tail out; what the
+        silence itself makes is dropped, now and from the next input's output. The next input starts
+        as after a flush (its filter history is silence), within a sample."""
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        fmt, layout, rate = self._setup
+        if fmt not in ("s16", "flt"):  # only packed input (process_array's) is fed silence here
+            return self.flush()
+        unit = rate // math.gcd(rate, self.rate_hz)  # input samples that make whole output samples
+        n = -(-(self._fed + max(1, rate * self.CUT_MS // 1000)) // unit) * unit - self._fed  # so (fed + n) is whole units:
+        # the next input starts on the resampler's phase 0, as a fresh one does
+        zeros = av.AudioFrame.from_ndarray(np.zeros((1, n * self._channels), np.int16 if fmt == "s16" else np.float32),
+                                           format=fmt, layout=layout)
+        zeros.sample_rate = rate
+        want = round(self._fed * self.rate_hz / rate) - self._made  # output samples the real audio still owes
+        y = self._out(self._resampler.resample(zeros))
+        tail = y[: max(0, min(want, y.size))]
+        self._drop = max(0, round((self._fed + n) * self.rate_hz / rate) - self._made)  # the silence still held back
+        self._fed = self._made = 0
+        return tail
+
+    def discard(self) -> None:
+        """Drop the buffered tail (barge-in), keeping the resampler: the next input starts from silence."""
+        self.cut()
+
     def reset(self) -> None:
-        """Forget the buffered tail (barge-in): the next input starts a fresh resampler."""
+        """Forget the buffered tail: the next input starts a fresh resampler."""
         self._resampler = None
         self._setup = None
+        self._fed = self._made = self._drop = 0
 
 
 class Upsampler:
@@ -568,8 +619,8 @@ class PushSource(AudioSource):
     def _end_segment_locked(self) -> None:
         if not self._segment_open:
             return
-        tail = self._resampler.flush()
-        wide_tail = self._wide_resampler.flush()
+        tail = self._resampler.cut()  # not flush(): the next reply's first push would build new filter graphs
+        wide_tail = self._wide_resampler.cut()
         if (
             tail.size == 0
             and self._rechunker.pending_samples == 0
@@ -599,8 +650,8 @@ class PushSource(AudioSource):
         with self._lock:
             dropped = self._available_samples_locked()
             self._queue.clear()
-            self._resampler.reset()
-            self._wide_resampler.reset()
+            self._resampler.discard()
+            self._wide_resampler.discard()
             self._up.reset()
             self._rechunker.reset(start_sample=self._next_yield_sample)
             self._segment_open = False
