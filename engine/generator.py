@@ -216,7 +216,10 @@ class FrameGenerator:
             interior = interior_mask(lm_crop, s, self.interior)
             if interior.any() and self.source_interior is not None:
                 mx, my = self.pixel_warp.crop_maps(lm_crop, s)
-                interior = new_interior(interior, cv2.remap(self.source_interior, mx, my, cv2.INTER_LINEAR, borderValue=0))
+                ys, xs = np.nonzero(interior)  # only where the target interior is does the portrait's own one matter
+                b = np.s_[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+                src = cv2.remap(self.source_interior, np.ascontiguousarray(mx[b]), np.ascontiguousarray(my[b]), cv2.INTER_LINEAR, borderValue=0)
+                interior[b] = new_interior(interior[b], src)
                 interior[interior < 1.0 / 255.0] = 0.0
             if not interior.any():  # a closed mouth: nothing to decode
                 return self._with_blink(av.crop, interior, base=base)
