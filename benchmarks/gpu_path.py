@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,8 @@ class AvatarAsset:
     check_lm: np.ndarray  # (K, 2) landmarks of that frame
     check_x0: np.ndarray  # (C, s, s) its output latent
     check_crop: np.ndarray  # (S, S, 3) uint8 its composited crop
+    region_box: np.ndarray = field(default_factory=lambda: np.array([0.25, 0.4375, 0.5], np.float32))  # the generated region
+    # (x0, y0, side) in crop units (engine.face.region: the bundle's; landmarks above are in lower_face units)
 
     @property
     def n_frames(self) -> int:
@@ -125,7 +127,7 @@ class AvatarAsset:
         with np.load(path, allow_pickle=False) as z:
             if str(z["format"]) != ASSET_FORMAT:
                 raise ValueError(f"{path}: format {str(z['format'])!r}, expected {ASSET_FORMAT!r}")
-            kw: dict[str, Any] = {k: z[k] for k in cls.__dataclass_fields__}
+            kw: dict[str, Any] = {k: z[k] for k in cls.__dataclass_fields__ if k in z.files}  # region_box: absent in older assets
         for k in ("art_gain", "art_max_opening"):
             kw[k] = float(kw[k])
         kw["check_frames"] = int(kw["check_frames"])
@@ -211,7 +213,10 @@ class FramePath:
         # compositing
         s = asset.crop.shape[0]
         p = asset.px_mask.shape[0]
-        self.box = (int(round(0.25 * s)), int(round(0.4375 * s)), p)  # engine.face.region.patch_box (x0, y0, side)
+        rx, ry, rs = (float(v) for v in asset.region_box)
+        self.box = (int(round(rx * s)), int(round(ry * s)), p)  # engine.face.region.patch_box (x0, y0, side)
+        # landmark units (lower_face) -> the region's units, for the latent warp (FrameGenerator._region_units)
+        self.to_region = (t(np.array([0.5 / rs, 0.5 / rs], np.float32)), t(np.array([(0.25 - rx) / rs, (0.4375 - ry) / rs], np.float32)))
         x0, y0, _ = self.box
         self.crop = t(asset.crop).permute(2, 0, 1).contiguous()  # (3, S, S) float 0..255
         self.crop_patch = self.crop[:, y0 : y0 + p, x0 : x0 + p].contiguous()  # (3, P, P)
@@ -261,7 +266,8 @@ class FramePath:
         """The portrait's latent warped so that its landmarks move to ``lm`` (B, K, 2): (B, C, s, s)."""
         dst = self.ref_warp.clone()
         dst[:, self.warp_pos] = lm[:, self.moving_pos]
-        return warp(self.latent, self.ref_warp, dst)
+        scale, shift = self.to_region
+        return warp(self.latent, self.ref_warp * scale + shift, dst * scale + shift)
 
     def latent_mask(self) -> torch.Tensor:
         """(1, 1, s, s) the denoiser's binary mask from the pixel mask (FrameGenerator.latent's)."""

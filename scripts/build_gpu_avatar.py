@@ -48,7 +48,7 @@ def build(out: Path, *, seconds: float) -> AvatarAsset:
     for lm in lms.numpy():
         lm_all = ref_all.copy()
         lm_all[gen.moving] = lm
-        masks.append(np.maximum(gen.avatar_mask, patch_mask(from_patch_units(lm_all) * s, s)))
+        masks.append(np.maximum(gen.avatar_mask, patch_mask(from_patch_units(lm_all) * s, s, region=avatar.region)))
     art = gen.articulation
     asset = AvatarAsset(
         latent=avatar.latent.numpy().astype(np.float32), ref_landmarks=ref_all.astype(np.float32),
@@ -57,6 +57,7 @@ def build(out: Path, *, seconds: float) -> AvatarAsset:
         mel_index=mel_index.astype(np.int64), art_gain=float(art.config.gain), art_max_opening=float(art.config.max_opening_ratio),
         art_up=art.up.astype(np.int64), art_lo=art.lo.astype(np.int64),
         art_corners=(art.corners if art.corners is not None else np.zeros(0)).astype(np.int64),
+        region_box=np.array([avatar.region.x0, avatar.region.y0, avatar.region.size], np.float32),
         bundle_manifest_sha256=manifest_sha256(), check_frames=CHECK_FRAMES, check_lm=np.zeros((1, 2), np.float32),
         check_x0=np.zeros(1, np.float32), check_crop=np.zeros((1, 1, 3), np.uint8))
 
