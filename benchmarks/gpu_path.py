@@ -111,6 +111,8 @@ class AvatarAsset:
     check_lm: np.ndarray  # (K, 2) landmarks of that frame
     check_x0: np.ndarray  # (C, s, s) its output latent
     check_crop: np.ndarray  # (S, S, 3) uint8 its composited crop
+    art_basis: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (k, K*2) principal displacements (empty: none)
+    art_basis_mean: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (K*2,) their mean
     region_box: np.ndarray = field(default_factory=lambda: np.array([0.25, 0.4375, 0.5], np.float32))  # the generated region
     # (x0, y0, side) in crop units (engine.face.region: the bundle's; landmarks above are in lower_face units)
 
@@ -204,6 +206,8 @@ class FramePath:
         self.art_gain, self.art_max_opening = asset.art_gain, asset.art_max_opening
         self.art_up, self.art_lo = t(asset.art_up, torch.long), t(asset.art_lo, torch.long)
         self.art_corners = t(asset.art_corners, torch.long) if len(asset.art_corners) == 2 else None
+        self.art_basis = t(asset.art_basis) if asset.art_basis.size else None  # Articulation's projection on real mouth motion
+        self.art_basis_mean = t(asset.art_basis_mean) if asset.art_basis.size else None
         # latents and masks
         self.latent = t(asset.latent).expand(b, -1, -1, -1).contiguous()  # (B, C, s, s)
         g = torch.Generator().manual_seed(seed)
@@ -245,9 +249,13 @@ class FramePath:
         return self.articulate(lm[:, 0].float()), gru.float()
 
     def articulate(self, lm: torch.Tensor) -> torch.Tensor:
-        """engine.motion.articulation.Articulation on (B, K, 2): gain, lips never cross, opening capped."""
+        """engine.motion.articulation.Articulation on (B, K, 2): basis projection, gain, lips never cross, opening capped."""
         ref = self.ref_moving
-        out = ref + self.art_gain * (lm - ref)
+        disp = lm - ref  # (B, K, 2)
+        if self.art_basis is not None:  # projected on the principal displacements of real mouths
+            x = disp.reshape(disp.shape[0], -1) - self.art_basis_mean
+            disp = ((x @ self.art_basis.T) @ self.art_basis + self.art_basis_mean).reshape(disp.shape)
+        out = ref + self.art_gain * disp
         up, lo = out[:, self.art_up, 1], out[:, self.art_lo, 1]  # (B, Q)
         mid = 0.5 * (up + lo)
         crossed = lo < up
