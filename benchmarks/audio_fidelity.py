@@ -170,9 +170,9 @@ def bench_audio_fidelity(out: str | Path, *, bundle: str | None = None, backend:
                     "level_note": "over WebRTC every band is ~3.0 dB lower in ratio_db: aiortc's Opus encoder upmixes mono to stereo at "
                                   "0.707 per channel (equal power) and the client averages the channels; not a loss of band",
                     "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": rt.backend},
-                    "caveat": "measured on a shared CPU (a training job running beside it): timings (round trips) are "
-                              "pessimistic; the band ratios do not depend on speed, except that frames the server drops "
-                              "are silence (counted in blocks_silent_in_output, not compared)",
+                    "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+                    "note": "the band ratios do not depend on speed, except that frames the server drops are silence "
+                            "(counted in blocks_silent_in_output, not compared); round trips do (see the load average)",
                     "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     r = asyncio.run(_pipeline_run(rt, avatar, x))
     r["meets_target"] = _verdict(r["new"]["bands"])
