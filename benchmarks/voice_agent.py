@@ -162,20 +162,6 @@ def _barge(run, fps: int) -> dict:
             "segments_interrupted": run.avatar.segments_interrupted}
 
 
-class _Publication:
-    async def wait_for_subscription(self) -> None:
-        return None
-
-
-class _Participant:
-    def __init__(self) -> None:
-        self.published: list[object] = []
-
-    async def publish_track(self, track, options) -> _Publication:
-        self.published.append(track)
-        return _Publication()
-
-
 async def _livekit_run(rt, av, config, *, replies: int, reply_s: float, tts_speed: float) -> list[dict]:
     """The LiveKit adapter inside livekit-agents' own ``AvatarRunner`` (its ``AVSynchronizer``, ``rtc.AudioSource`` /
     ``VideoSource``) with ``QueueAudioOutput`` as the agent's audio output; only the room is a stand-in (it publishes
@@ -186,6 +172,7 @@ async def _livekit_run(rt, av, config, *, replies: int, reply_s: float, tts_spee
     from livekit.agents.voice.avatar import AvatarRunner, QueueAudioOutput
 
     from clients.livekit import AvatarVideoGenerator
+    from clients.livekit.local_room import LocalRoom
     from clients.pipecat.example import DEMO_VOICE, TTS_RATE_HZ
     from engine.audio import decode_audio
 
@@ -202,14 +189,6 @@ async def _livekit_run(rt, av, config, *, replies: int, reply_s: float, tts_spee
                 self.speech_video.append(out[0])
             return out
 
-    class _Room(rtc.EventEmitter):
-        def __init__(self) -> None:
-            super().__init__()
-            self.local_participant = _Participant()
-
-        def isconnected(self) -> bool:
-            return True
-
     wave = decode_audio(DEMO_VOICE, sample_rate_hz=TTS_RATE_HZ)[: int(reply_s * TTS_RATE_HZ)]
     pcm = (np.clip(wave, -1, 1) * 32767).round().astype(np.int16)
     piece = TTS_RATE_HZ // 50
@@ -217,7 +196,7 @@ async def _livekit_run(rt, av, config, *, replies: int, reply_s: float, tts_spee
     agent_out = QueueAudioOutput(wait_playback_start=True)
     finished: list[float] = []  # loop time of each playback_finished the agent's output got
     agent_out.on("playback_finished", lambda ev: finished.append(loop.time()))
-    runner = AvatarRunner(_Room(), audio_recv=agent_out, video_gen=gen, options=gen.avatar_options())
+    runner = AvatarRunner(LocalRoom(), audio_recv=agent_out, video_gen=gen, options=gen.avatar_options())
     await runner.start()
     video_log: list[tuple[float, object]] = []
     audio_log: list[float] = []

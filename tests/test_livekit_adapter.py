@@ -21,6 +21,7 @@ from livekit import rtc  # noqa: E402
 from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarRunner, QueueAudioOutput  # noqa: E402
 
 from clients.livekit import AvatarVideoGenerator  # noqa: E402
+from clients.livekit.local_room import LocalRoom  # noqa: E402
 from engine.audio import decode_audio  # noqa: E402
 from engine.avatar import load_portrait, prepare_avatar  # noqa: E402
 from engine.cli import DEMO  # noqa: E402
@@ -135,38 +136,13 @@ def test_clear_buffer_cuts_the_reply_without_a_segment_end(rig):
     assert gen.segments_interrupted == 1 and gen.segments_finished == 0
 
 
-class _Publication:
-    async def wait_for_subscription(self) -> None:
-        return None
-
-
-class _Participant:
-    def __init__(self) -> None:
-        self.published: list[object] = []
-
-    async def publish_track(self, track, options) -> _Publication:
-        self.published.append(track)
-        return _Publication()
-
-
-class _Room(rtc.EventEmitter):
-    """Stands in for a connected ``rtc.Room``: the runner publishes its tracks into it (nowhere)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.local_participant = _Participant()
-
-    def isconnected(self) -> bool:
-        return True
-
-
 def test_avatar_runner_reports_playback_finished_and_interrupted_from_the_avatars_playback(rig):
     rt, av, reply = rig
 
     async def main():
         gen = AvatarVideoGenerator(rt, av, config=CFG)
         agent_out = QueueAudioOutput(wait_playback_start=True)  # the agent's side: started when the avatar starts
-        room = _Room()
+        room = LocalRoom()
         runner = AvatarRunner(room, audio_recv=agent_out, video_gen=gen, options=gen.avatar_options())
         events: list[tuple[float, str, object]] = []
         agent_out.on("playback_started", lambda ev: events.append((time.monotonic(), "started", ev)))
