@@ -106,7 +106,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         compositors[name] = kind
     evaluate_selfrecon(load_bundle(a.bundle), data, a.out, max_frames=a.max_frames, steps=a.steps, seed=a.seed,
                        backend=a.backend, threads=a.threads, variants=variants, drift_seconds=a.drift_seconds,
-                       cross_identity=not a.no_cross_identity, compositors=compositors)
+                       cross_identity=not a.no_cross_identity, compositors=compositors, true_motion=a.true_motion)
     print((Path(a.out) / "report.md").read_text())
     return 0
 
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compositor", action="append", help="NAME=native|patch: how that generator composes its frames (default native; repeatable)")
     p.add_argument("--drift-seconds", type=float, default=60.0, help="length of the identity-drift render (0: skip)")
     p.add_argument("--no-cross-identity", action="store_true", help="skip cross-identity driving")
+    p.add_argument("--true-motion", action="store_true", help="also drive ours and warp-only with ground truth's own lip and jaw "
+                   "landmarks (rows *_true_motion): the renderer's quality apart from the A2L's")
     p.add_argument("--bundle", help="model bundle folder (default: the shipped bundle)")
     p.add_argument("--max-frames", type=int, default=100, help="frames evaluated per held-out segment")
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's)")

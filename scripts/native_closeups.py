@@ -49,13 +49,15 @@ def main() -> None:
     ap.add_argument("--old-bundle", default=None, help="bundle of the patch path (default: the same)")
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--row", action="append", default=[], metavar="LABEL=BUNDLE:COMPOSITOR",
-                    help="a row of the close-ups (repeatable; replaces the default patch and native rows)")
+                    help="a row of the close-ups (repeatable; replaces the default patch and native rows); COMPOSITOR: "
+                         "patch, native, or native-cubic (the native path with bicubic sampling, its default before)")
     a = ap.parse_args()
     from engine.audio.decode import decode_audio
     from engine.avatar import load_portrait, prepare_avatar
     from engine.bundle import load_bundle
     from engine.eval.articulation import opening_from_landmarks
     from engine.face.align import invert_transform
+    from engine.face.pixel_warp import PixelWarpConfig
     from engine.face.region import from_patch_units
     from engine.generator import FrameGenerator
     from engine.runtime import load_runtime
@@ -68,8 +70,8 @@ def main() -> None:
         for spec in a.row:
             label, _, rest = spec.partition("=")
             bundle, _, comp = rest.rpartition(":")
-            if not label or not bundle or comp not in ("patch", "native"):
-                raise SystemExit(f"--row {spec!r}: expected LABEL=BUNDLE:patch|native")
+            if not label or not bundle or comp not in ("patch", "native", "native-cubic"):
+                raise SystemExit(f"--row {spec!r}: expected LABEL=BUNDLE:patch|native|native-cubic")
             rows_spec.append((label, bundle, comp))
     runs = {label: load_bundle(b) for label, b, _ in rows_spec}
     comps = {label: c for label, _, c in rows_spec}
@@ -82,7 +84,8 @@ def main() -> None:
         frames, rep = {}, {"portrait": portrait, "audio": audio, "frames": n, "image_px": list(img.shape[:2])}
         for kind, rt in rts.items():
             av = prepare_avatar(img, rt, crop_size_px=runs[kind].crop_size_px)
-            g = FrameGenerator(rt, av, seed=0, blinks=False, compositor=comps[kind])
+            g = FrameGenerator(rt, av, seed=0, blinks=False, compositor=comps[kind].split("-")[0],
+                               pixel_warp=PixelWarpConfig(cubic=comps[kind].endswith("-cubic")))
             feats = g.audio_features(wave, n)
             lms = g.landmarks(feats)
             t0 = time.perf_counter()

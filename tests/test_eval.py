@@ -67,6 +67,43 @@ def test_eval_variants_full_frame_jitter_and_drift(heldout_shards, tmp_path):
     assert "| student1 | 1 |" in md and "Identity drift" in md
 
 
+def test_eval_true_motion_rows_and_silence(heldout_shards, tmp_path):
+    from engine.bundle import load_bundle
+    from engine.eval.selfrecon import evaluate_selfrecon
+
+    rep = evaluate_selfrecon(load_bundle(tiny_bundle(tmp_path / "b")), [str(heldout_shards)], tmp_path / "r", max_frames=30, lpips=False,
+                             drift_seconds=0, true_motion=True)
+    summ = rep["summary"]
+    assert {"ours_true_motion", "warp_only_true_motion"} <= set(summ)
+    # ground truth's own lips drive the warp: its lips land nearer the real ones than the still portrait's
+    assert summ["warp_only_true_motion"]["lip_landmark_error_px"] < summ["static_portrait"]["lip_landmark_error_px"]
+    seg = rep["segments"][0]
+    assert 0 <= seg["silent_frames"] <= 30
+    if "mouth_change_silent" in summ["static_portrait"]:  # the GRID clip opens with silence
+        assert summ["static_portrait"]["mouth_change_silent"] == 0.0
+    assert "ours_true_motion" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_silent_frames_follow_the_vad():
+    import numpy as np
+    import soundfile as sf
+
+    from engine.eval.selfrecon import silent_frames
+
+    path = SHARED_DATA / "speech" / "espeak_en-us_16k.wav"
+    if not path.is_file():
+        pytest.skip(f"shared speech not found at {path}")
+    speech, sr = sf.read(path, dtype="float32")
+    assert sr == 16000
+    speech = speech[:16000] if speech.ndim == 1 else speech[:16000, 0]
+    wave = np.concatenate([np.zeros(16000, np.float32), speech, np.zeros(16000, np.float32)])
+    t = np.arange(75) / 25.0
+    s = silent_frames(wave, t)
+    assert s[:20].all()  # the first second is silence
+    assert not s[30:45].any()  # speech
+    assert s[-5:].all()  # 300 ms hangover, then silence again
+
+
 def test_eval_cli_needs_clips_or_data(tmp_path, capsys):
     from engine.cli import main
 

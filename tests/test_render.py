@@ -76,9 +76,11 @@ def test_render_is_deterministic_given_seed(shared_data, tmp_path):
     wav = _wav(tmp_path / "a.wav", 0.4)
     outs = []
     for i in range(2):
-        render(shared_data / PORTRAIT, wav, tmp_path / f"o{i}.mp4", bundle=d, seed=7, progress=False)
+        info = render(shared_data / PORTRAIT, wav, tmp_path / f"o{i}.mp4", bundle=d, seed=7, progress=False)
         with av.open(str(tmp_path / f"o{i}.mp4")) as c:
             outs.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]))
+        # every frame went through the encoder thread (one worker: in order), timed
+        assert info["stages_ms"]["encode"]["count"] == info["frames"] == len(outs[-1])
     assert np.array_equal(outs[0], outs[1])
 
 

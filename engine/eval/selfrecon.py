@@ -13,6 +13,12 @@ Protocol (one per held-out segment of the recorded split, engine/data/splits.jso
   - baselines in the same table: the static portrait, warp-only (the portrait's latent warped
     to the A2L landmarks and decoded, no diffusion), and any further generators given as
     variants (the teacher at full steps, students at 4, 2 and 1 steps);
+  - with ``true_motion``: ours and warp-only driven by ground truth's own lip and jaw landmarks
+    instead of the A2L's (rows ``ours_true_motion``, ``warp_only_true_motion``): what the renderer
+    does given the right motion, apart from what the A2L gets wrong;
+  - mouth stability in silence: mean |frame-to-frame change| inside the portrait's mouth box over
+    the pairs of frames that the pipeline's VAD (engine/pipeline/vad.py) calls silent, beside
+    ground truth's own (``mouth_change_silent``), and the same over speech frames;
   - cross-identity driving: the portrait of one held-out person with another's audio, sync only;
   - identity drift: one long render (the held-out audio looped), LPIPS of the lower face to the
     portrait over the first and the last 5 s.
@@ -33,13 +39,33 @@ from engine.avatar import Avatar, encode_patch
 from engine.eval.articulation import articulation, opening_from_landmarks, opening_from_lips, summarise
 from engine.bundle import Bundle
 from engine.face.geometry import index_sets
-from engine.face.region import extract_patch, from_patch_units, patch_mask
+from engine.face.region import extract_patch, from_patch_units, patch_mask, to_patch_units
 from engine.generator import FrameGenerator
 from engine.metrics import psnr, ssim_map
 from engine.runtime import load_runtime
 from engine.training.data import FrameStore
 
 METHODS = ("ours", "warp_only", "static_portrait")
+
+
+def silent_frames(wave_16k: np.ndarray, time_s: np.ndarray) -> np.ndarray:
+    """(F,) bool: the frames (starting at ``time_s``, seconds from sample 0 of ``wave_16k``) that the
+    pipeline's VAD (smoothed webrtcvad, engine/pipeline/vad.py) calls silent throughout."""
+    from engine.pipeline.sources import CHUNK_SAMPLES, SAMPLE_RATE_HZ
+    from engine.pipeline.vad import Vad
+
+    vad = Vad()
+    chunks = len(wave_16k) // CHUNK_SAMPLES
+    speaking = np.array([vad.process(np.ascontiguousarray(wave_16k[i * CHUNK_SAMPLES:(i + 1) * CHUNK_SAMPLES], np.float32))
+                         for i in range(chunks)], bool)
+    t = np.asarray(time_s, np.float64)
+    ends = np.append(t[1:], t[-1] + (t[-1] - t[-2] if len(t) > 1 else 0.04))
+    out = np.zeros(len(t), bool)
+    chunk_s = CHUNK_SAMPLES / SAMPLE_RATE_HZ
+    for f in range(len(t)):
+        lo, hi = int(np.floor(t[f] / chunk_s)), int(np.ceil(ends[f] / chunk_s))
+        out[f] = hi <= chunks and not speaking[max(lo, 0):hi].any()
+    return out
 
 
 def _t(patches: np.ndarray) -> torch.Tensor:
@@ -77,7 +103,7 @@ def _strip(rows: list[tuple[str, np.ndarray]], frames: list[int], path: Path) ->
 def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path, *, max_frames: int = 100, steps: int | None = None,
                        seed: int = 0, lpips: bool = True, backend: str = "auto", threads: int | None = None,
                        variants: dict[str, tuple[Bundle, int | None]] | None = None, drift_seconds: float = 60.0,
-                       cross_identity: bool = True, compositors: dict[str, str] | None = None) -> dict:
+                       cross_identity: bool = True, compositors: dict[str, str] | None = None, true_motion: bool = False) -> dict:
     """The protocol of the module docstring. ``variants``: further generators in the same table,
     name -> (bundle, steps) (e.g. the teacher at 8 steps, students at 4, 2, 1). ``compositors``:
     name -> "native" or "patch" (engine/generator.py; default native)."""
@@ -126,18 +152,23 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
             return frames
         return np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_CUBIC if f.shape[0] < s else cv2.INTER_AREA) for f in frames])
 
-    def _generate(name: str, avatar: Avatar, mel: np.ndarray, mel_index: np.ndarray, n: int, *, warp_only: bool = False) -> np.ndarray:
+    def _generate(name: str, avatar: Avatar, mel: np.ndarray, mel_index: np.ndarray, n: int, *, warp_only: bool = False,
+                  landmarks: np.ndarray | None = None) -> np.ndarray:
+        """``landmarks``: (F, 478, 2) crop units to drive the moving landmarks with instead of the A2L's."""
         gen = FrameGenerator(rts[name], avatar, steps=runs[name][1], seed=seed, blinks=False,  # ground truth blinks when it will
                              compositor=compositors.get(name, "native"))
         feats = gen.audio_features_from_mel(mel, mel_index)
-        lms = gen.landmarks(feats)
-        a2l_lms[name] = lms.numpy()
+        if landmarks is None:
+            lms = gen.landmarks(feats)
+            a2l_lms[name] = lms.numpy()
+        else:
+            lms = torch.from_numpy(to_patch_units(landmarks[:n][:, gen.moving]).astype(np.float32))
         return _at_store_size(np.stack([gen.frame(lms[f], gen.audio_tokens(feats, f), warp_only=warp_only) for f in range(n)]))
 
     a2l_lms: dict[str, np.ndarray] = {}  # the last _generate's A2L landmarks per run (F, K, 2), patch units
     t0 = time.perf_counter()
     per_seg = []
-    methods = (*runs, "warp_only", "static_portrait")
+    methods = (*runs, "warp_only", "static_portrait") + (("ours_true_motion", "warp_only_true_motion") if true_motion else ())
     totals: dict[str, dict[str, list[float]]] = {m: {} for m in methods + ("ground_truth",)}
     art_rows: dict[str, list[dict]] = {m: [] for m in (*methods, *(f"a2l_only:{n}" for n in runs))}
     lips_ids = index_sets()["lips"]
@@ -160,12 +191,20 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
             a2l_open[name] = opening_from_landmarks(lm_full) * s
         result_crops["warp_only"] = _generate("ours", _avatar("ours", crop_r, lm_r), seg.mel, seg.mel_index, n, warp_only=True)
         result_crops["static_portrait"] = np.repeat(crop_r[None], n, axis=0)
+        if true_motion:
+            gt_lms = store.landmarks[seg.start:seg.start + n]
+            result_crops["ours_true_motion"] = _generate("ours", _avatar("ours", crop_r, lm_r), seg.mel, seg.mel_index, n, landmarks=gt_lms)
+            result_crops["warp_only_true_motion"] = _generate("ours", _avatar("ours", crop_r, lm_r), seg.mel, seg.mel_index, n,
+                                                              warp_only=True, landmarks=gt_lms)
+        silent = silent_frames(seg.wave, seg.time_s[:n])  # (n,) bool
+        quiet_pairs, speech_pairs = silent[1:] & silent[:-1], ~silent[1:] & ~silent[:-1]
+        row_silent = int(silent.sum())
         gt_crops = np.asarray(crops[:n])
         result_crops["ground_truth"] = gt_crops
         gt_p, gt_full = _t(extract_patch(gt_crops)), _t(gt_crops)
         gt_lm = store.landmarks[seg.start:seg.start + n] * s
         w = torch.from_numpy(np.stack([patch_mask(store.landmarks[seg.start + f] * s, s) for f in range(n)]))[:, None]
-        row = {"segment": seg.name, "frames": n}
+        row = {"segment": seg.name, "frames": n, "silent_frames": row_silent}
         gt_jitter = None
         gt_open = None
         sharp_r = sharpness(crop_r)
@@ -183,7 +222,12 @@ def evaluate_selfrecon(bundle: Bundle, data_dirs: list[str], out_dir: str | Path
             met["sharpness_ratio"] = float(np.mean([sharpness(c) for c in cr[:: max(n // 10, 1)]])) / max(sharp_r, 1e-9)
             # temporal stability of the mouth: mean |frame-to-frame change| inside the portrait's mouth box (grey levels)
             box = cr[:, mouth_box[1] : mouth_box[3], mouth_box[0] : mouth_box[2]].astype(np.float32)
-            met["mouth_change_per_frame"] = float(np.abs(np.diff(box, axis=0)).mean()) if len(box) > 1 else 0.0
+            change = np.abs(np.diff(box, axis=0)).mean(axis=(1, 2, 3)) if len(box) > 1 else np.zeros(0)
+            met["mouth_change_per_frame"] = float(change.mean()) if len(change) else 0.0
+            if quiet_pairs.any():  # a method that moves the mouth in silence shows it here, against ground truth's own
+                met["mouth_change_silent"] = float(change[quiet_pairs].mean())
+            if speech_pairs.any():
+                met["mouth_change_speech"] = float(change[speech_pairs].mean())
             if m == "ground_truth":
                 gt_jitter = jit
                 gt_open = opening
@@ -340,7 +384,7 @@ def _shard_dir(data_dirs: list[str], segment: str) -> Path:
 
 def _markdown(rep: dict) -> str:
     keys = ["lpips_lower_face", "ssim_lower_face", "psnr_lower_face_db", "lpips_full", "ssim_full", "sharpness_ratio", "lip_landmark_error_px",
-            "mouth_jitter_vs_gt", "mouth_change_per_frame", "sync_abs_offset_frames", "sync_lse_c"]
+            "mouth_jitter_vs_gt", "mouth_change_per_frame", "mouth_change_silent", "mouth_change_speech", "sync_abs_offset_frames", "sync_lse_c"]
     head = "| method | steps | " + " | ".join(keys) + " |"
     lines = [f"# Held-out self-reconstruction (seed {rep['seed']}, up to {rep['max_frames']} frames per segment)", "",
              f"LPIPS: {rep['lpips'] or 'not available'}. Mean over {len(rep['segments'])} held-out segments.", "",
