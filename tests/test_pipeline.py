@@ -150,6 +150,31 @@ def test_slow_denoiser_degrades_and_latency_stays_bounded(rig):
     assert len(timeline) == int(np.ceil(len(wave) / FRAME))  # degraded or dropped, every slot of the audio still has a frame
 
 
+def test_a_step_comes_back_when_the_latency_leaves_room_for_it(rig):
+    """One step is given back after recover_frames frames whose latency plus twice a step's measured cost fits the
+    budget: 120 ms with 6 ms steps fits 150 ms (a fixed frame period of headroom, 110 ms, never let it back)."""
+    rt, av, _, _ = rig
+    cfg = PipelineConfig(realtime=True, latency_budget_ms=150.0, recover_frames=5, min_steps=1)
+
+    async def main():
+        async with Pipeline(rt, av, cfg) as p:
+            loop = asyncio.get_running_loop()
+            p.steps = 1
+            p._step_ms = 20.0  # 120 + 2 x 20 > 150: no room
+            for _ in range(10):
+                p._adapt(loop.time() - 0.120, 0, "speech")
+            held = p.steps
+            p._step_ms = 6.0  # 120 + 2 x 6 < 150: room
+            for _ in range(5):
+                p._adapt(loop.time() - 0.120, 0, "speech")
+            back = p.steps
+            p._adapt(loop.time() - 0.160, 0, "speech")  # over budget: down again at once
+            return held, back, p.steps
+
+    held, back, after = asyncio.run(main())
+    assert (held, back, after) == (1, 2, 1)
+
+
 def test_push_source_idle_on_the_clock_then_speech_then_barge_in(rig):
     rt, av, _, wave = rig
 

@@ -43,8 +43,9 @@ Real-time mode (``realtime=True``, live sources):
 - *Falling behind*: the audio-in to frame-out latency of every frame is measured; above the
   budget, or with frames waiting, the denoiser gets fewer steps (down to ``min_steps``); with
   more than ``max_backlog_frames`` waiting, frames are dropped (the last image is repeated with
-  its own audio, so A/V stays continuous); steps come back after ``recover_frames`` frames
-  within budget. All of it is counted in the metrics.
+  its own audio, so A/V stays continuous); a step comes back after ``recover_frames`` frames
+  with room for it (latency plus twice a step's measured cost within budget). All of it is
+  counted in the metrics.
 - *Barge-in*: ``clear_buffer()`` drops the queued audio (the source's too) and frames not yet
   taken; the next frame, within one period, is idle.
 
@@ -198,6 +199,7 @@ class Pipeline:
         self._n_out = 0
         self._last_image = avatar.image
         self._good = 0
+        self._step_ms = 500.0 / self.fps  # moving mean of one denoising step's wall time (stage A, with the warp's share)
         self.first_frame_s: float | None = None  # monotonic time of the first frame handed out
         self.started_s: float | None = None
 
@@ -582,7 +584,9 @@ class Pipeline:
             self.gen.previous = None  # the next speech frame starts afresh, as after an idle frame
             return "idle", None
         latent = self.gen.latent(lm, torch.from_numpy(fe.tokens(k, self.gen.den_cfg.audio_tokens)), steps=steps)
-        self.metrics.stage("denoise").observe(1000.0 * (time.perf_counter() - t1))
+        dt_ms = 1000.0 * (time.perf_counter() - t1)
+        self.metrics.stage("denoise").observe(dt_ms)
+        self._step_ms += 0.1 * (dt_ms / max(steps, 1) - self._step_ms)  # what a step costs here (read by _adapt)
         return "speech", latent
 
     async def _emit(self, image: np.ndarray, audio: np.ndarray, playback: np.ndarray, kind: str, steps: int, arrival: float | None,
@@ -600,7 +604,10 @@ class Pipeline:
         await self._out.put(fr)
 
     def _adapt(self, due: float | None, backlog: int, kind: str) -> None:
-        """Fewer steps when behind, one step back after ``recover_frames`` frames within budget."""
+        """Fewer steps when behind; one step back after ``recover_frames`` frames whose latency left room for it:
+        twice the measured cost of a denoising step below the budget (before any is measured, half a frame period,
+        so a frame period of headroom). A fixed frame period of headroom kept a large portrait at one step for
+        good: its latency at full steps was within budget, but never a period below it."""
         if due is None or kind != "speech":
             return
         lat_ms = 1000.0 * (asyncio.get_running_loop().time() - due)
@@ -608,7 +615,7 @@ class Pipeline:
         if lat_ms > budget or backlog >= 2:
             self.steps = max(self.config.min_steps, self.steps - 1)
             self._good = 0
-        elif lat_ms < budget - 1000.0 / self.fps and backlog == 0:  # a frame period of headroom
+        elif lat_ms + 2.0 * self._step_ms < budget and backlog == 0:  # room for the step given back, twice over
             self._good += 1
             if self._good >= self.config.recover_frames and self.steps < self.full_steps:
                 self.steps += 1
