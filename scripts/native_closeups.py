@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--row", action="append", default=[], metavar="LABEL=BUNDLE:COMPOSITOR",
                     help="a row of the close-ups (repeatable; replaces the default patch and native rows); COMPOSITOR: "
-                         "patch, native, or native-cubic (the native path with bicubic sampling, its default before)")
+                         "patch, native (its default sampling), native-cubic or native-linear (the native path with bicubic or bilinear sampling)")
     a = ap.parse_args()
     from engine.audio.decode import decode_audio
     from engine.avatar import load_portrait, prepare_avatar
@@ -70,8 +70,8 @@ def main() -> None:
         for spec in a.row:
             label, _, rest = spec.partition("=")
             bundle, _, comp = rest.rpartition(":")
-            if not label or not bundle or comp not in ("patch", "native", "native-cubic"):
-                raise SystemExit(f"--row {spec!r}: expected LABEL=BUNDLE:patch|native|native-cubic")
+            if not label or not bundle or comp not in ("patch", "native", "native-cubic", "native-linear"):
+                raise SystemExit(f"--row {spec!r}: expected LABEL=BUNDLE:patch|native|native-cubic|native-linear")
             rows_spec.append((label, bundle, comp))
     runs = {label: load_bundle(b) for label, b, _ in rows_spec}
     comps = {label: c for label, _, c in rows_spec}
@@ -85,7 +85,7 @@ def main() -> None:
         for kind, rt in rts.items():
             av = prepare_avatar(img, rt, crop_size_px=runs[kind].crop_size_px)
             g = FrameGenerator(rt, av, seed=0, blinks=False, compositor=comps[kind].split("-")[0],
-                               pixel_warp=PixelWarpConfig(cubic=comps[kind].endswith("-cubic")))
+                               pixel_warp=PixelWarpConfig(cubic={"native-cubic": True, "native-linear": False}.get(comps[kind])))
             feats = g.audio_features(wave, n)
             lms = g.landmarks(feats)
             t0 = time.perf_counter()
@@ -101,6 +101,8 @@ def main() -> None:
             lm_full[:, g.moving] = from_patch_units(lms.numpy())
             rep[kind] = {"bundle": str(runs[kind].path), "compositor": comps[kind], "region": runs[kind].region.name,
                          "crop_size_px": s, "ms_per_frame_2_threads": round(ms, 1),
+                         "sampling": None if g.pixel_warp is None else ("bicubic" if g.pixel_warp.cubic else "bilinear"),
+                         "warped_box_px": None if g.pixel_warp is None else list(g.pixel_warp.box_pixels.shape[:2]),
                          "sharpness_ratio": float(np.mean([sharpness_native(f, lower, upper) for f in frames[kind]]) / base),
                          "a2l_opening_std_px_at_256": float(opening_from_landmarks(lm_full).std() * 256),
                          "face_crop_side_px": float(s / np.sqrt(abs(np.linalg.det(av.affine[:, :2]))))}

@@ -48,10 +48,12 @@ class PixelWarpConfig:
     floor: float = 1e-2  # gaussian: weight mass below which the flow fades to zero
     box_margin: float = 0.08  # the warped box: the lower-face patch grown by this (crop units) on every side
     anchors_per_side: int = 12  # zero-offset anchors on each side of the box
-    # bicubic sampling: sharper where a region is stretched, but 5x the cost of bilinear (9 against 1.8 ms of CPU for
-    # hallo 1's 591 px box) and no better on the held-out clips (warp only, 6 clips at 512 px: ST-LPIPS 0.1446 against
-    # 0.1444, SSIM 0.644 against 0.646, sharpness 1.33 against 1.17, ground truth's own 1.05: its overshoot)
-    cubic: bool = False
+    # bicubic or bilinear sampling (None: by the warped box's size). Bilinear's sub-pixel blur costs a small face its
+    # detail (the demo, a 113 px box: sharpness ratio 0.83 against 1.05 bicubic, at native resolution), while on a
+    # large box bicubic costs 5x as much for little (hallo 1, a 591 px box: 9 against 1.8 ms of CPU, sharpness 1.02
+    # against 0.91; held out at 512 px, warp only: ST-LPIPS 0.1446 bicubic, 0.1444 bilinear). docs/eval/mouth/closeups.json
+    cubic: bool | None = None
+    cubic_max_box_px: int = 250 * 250  # with cubic None: bicubic up to this many pixels in the box (~1 ms), bilinear above
 
 
 # MediaPipe face-mesh ids: the upper lip (outer and inner contours, corners included) and the pairs
@@ -139,6 +141,7 @@ class PortraitWarp:
         xs, ys = np.meshgrid(np.arange(bw, dtype=np.float32), np.arange(bh, dtype=np.float32))
         self.identity = (xs, ys)
         self.box_pixels = np.ascontiguousarray(image[self.y0 : self.y1, self.x0 : self.x1])
+        self.cubic = bool(config.cubic) if config.cubic is not None else bw * bh <= config.cubic_max_box_px
 
     def _weights(self, pts: np.ndarray, cells: np.ndarray | None = None, grid: np.ndarray | None = None) -> np.ndarray:
         """Gaussian weights (G*G, N) float32 of points (N, 2) in crop units at the grid points (or at ``cells`` of them)."""
@@ -275,7 +278,7 @@ class PortraitWarp:
         c0, c1 = max(int(np.floor((cols[0] - 1) * bw / g)), 0), min(int(np.ceil((cols[-1] + 2) * bw / g)), bw)
         d = cv2.resize(disp, (bw, bh), interpolation=cv2.INTER_LINEAR)[r0:r1, c0:c1]
         mx, my = self.identity[0][r0:r1, c0:c1] + d[..., 0], self.identity[1][r0:r1, c0:c1] + d[..., 1]
-        interp = cv2.INTER_CUBIC if self.config.cubic else cv2.INTER_LINEAR
+        interp = cv2.INTER_CUBIC if self.cubic else cv2.INTER_LINEAR
         out[self.y0 + r0 : self.y0 + r1, self.x0 + c0 : self.x0 + c1] = cv2.remap(self.box_pixels, mx, my, interp,
                                                                                    borderMode=cv2.BORDER_REPLICATE)
         return out
