@@ -67,6 +67,34 @@ def test_pixel_warp_moves_the_lips_and_leaves_the_rest_untouched() -> None:
     assert 7.0 <= px[1] - shown_row <= 11.0
 
 
+@pytest.mark.parametrize("cubic", [True, False])
+def test_pixel_warp_resamples_only_what_moves_and_equals_the_whole_box_remap(cubic: bool) -> None:
+    """warp() resamples only the part of the box its coarse grid says moves: the same frame as one remap
+    of the whole box with the full maps (a still pixel maps to itself, whichever the sampling)."""
+    import cv2
+
+    img, affine, lm = _scene()
+    pw = PortraitWarp(img, affine, lm, S, warp_indices(), PixelWarpConfig(cubic=cubic), moving=moving_indices())
+    assert pw.cubic is cubic
+    for dy in (0.004, 0.02):
+        target = _jaw_down(lm, dy)
+        mx, my = pw.maps(target)
+        whole = img.copy()
+        x0, y0, x1, y1 = pw.box
+        whole[y0:y1, x0:x1] = cv2.remap(pw.box_pixels, mx, my, cv2.INTER_CUBIC if cubic else cv2.INTER_LINEAR,
+                                         borderMode=cv2.BORDER_REPLICATE)
+        out = pw.warp(target)
+        assert np.abs(out.astype(int) - whole).max() <= 1  # sub-0.01 px shifts left as they were
+
+
+def test_pixel_warp_samples_a_small_box_bicubic_and_a_large_one_bilinear() -> None:
+    img, affine, lm = _scene()
+    large = PortraitWarp(img, affine, lm, S, warp_indices(), moving=moving_indices())  # a 338 px box at scale 2
+    assert not large.cubic
+    img1, affine1, lm1 = _scene(scale=0.5)  # an 85 px box
+    assert PortraitWarp(img1, affine1, lm1, S, warp_indices(), moving=moving_indices()).cubic
+
+
 def test_pixel_warp_refuses_unknown_method() -> None:
     img, affine, lm = _scene()
     with pytest.raises(ValueError, match="method"):
