@@ -86,16 +86,14 @@ def test_eval_true_motion_rows_and_silence(heldout_shards, tmp_path):
 
 def test_silent_frames_follow_the_vad():
     import numpy as np
-    import soundfile as sf
 
+    from engine.audio import decode_audio
     from engine.eval.selfrecon import silent_frames
 
     path = SHARED_DATA / "speech" / "espeak_en-us_16k.wav"
     if not path.is_file():
         pytest.skip(f"shared speech not found at {path}")
-    speech, sr = sf.read(path, dtype="float32")
-    assert sr == 16000
-    speech = speech[:16000] if speech.ndim == 1 else speech[:16000, 0]
+    speech = decode_audio(path)[:16000]  # 16 kHz mono float32
     wave = np.concatenate([np.zeros(16000, np.float32), speech, np.zeros(16000, np.float32)])
     t = np.arange(75) / 25.0
     s = silent_frames(wave, t)
