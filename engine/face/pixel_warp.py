@@ -53,7 +53,7 @@ class PixelWarpConfig:
     # large box bicubic costs 5x as much for little (hallo 1, a 591 px box: 9 against 1.8 ms of CPU, sharpness 1.02
     # against 0.91; held out at 512 px, warp only: ST-LPIPS 0.1446 bicubic, 0.1444 bilinear). docs/eval/mouth/closeups.json
     cubic: bool | None = None
-    cubic_max_box_px: int = 250 * 250  # with cubic None: bicubic up to this many pixels in the box (~1 ms), bilinear above
+    cubic_max_box_px: int = 250 * 250  # with cubic None: bicubic up to this many pixels in the box (~1.6 ms of CPU), bilinear above
 
 
 # MediaPipe face-mesh ids: the upper lip (outer and inner contours, corners included) and the pairs
