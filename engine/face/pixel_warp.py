@@ -50,10 +50,11 @@ class PixelWarpConfig:
     anchors_per_side: int = 12  # zero-offset anchors on each side of the box
     # bicubic or bilinear sampling (None: by the warped box's size). Bilinear's sub-pixel blur costs a small face its
     # detail (the demo, a 113 px box: sharpness ratio 0.83 against 1.05 bicubic, at native resolution), while on a
-    # large box bicubic costs 5x as much for little (hallo 1, a 591 px box: 9 against 1.8 ms of CPU, sharpness 1.02
-    # against 0.91; held out at 512 px, warp only: ST-LPIPS 0.1446 bicubic, 0.1444 bilinear). docs/eval/mouth/closeups.json
+    # large box bicubic costs much more for little (hallo 1, a 591 px box: the warp takes 12.0 against 5.3 ms of CPU,
+    # docs/benchmarks/mouth/frame_parts.json; sharpness 1.02 against 0.91, docs/eval/mouth/closeups.json; held out at
+    # 512 px, warp only: ST-LPIPS 0.1446 bicubic, 0.1444 bilinear)
     cubic: bool | None = None
-    cubic_max_box_px: int = 250 * 250  # with cubic None: bicubic up to this many pixels in the box (~1.6 ms of CPU), bilinear above
+    cubic_max_box_px: int = 250 * 250  # with cubic None: bicubic up to this many pixels in the box, bilinear above
 
 
 # MediaPipe face-mesh ids: the upper lip (outer and inner contours, corners included) and the pairs

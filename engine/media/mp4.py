@@ -31,8 +31,8 @@ class Mp4Writer:
         self.c = av.open(str(self.path), "w")
         for k, v in (metadata or {}).items():
             self.c.metadata[k] = v
-        # veryfast with its cheapest motion search (diamond, subpixel refinement 1): 19 against 31 ms of CPU per
-        # 1280 px frame of a render, for 15 % more bits at the same crf (docs/benchmarks/mouth/README.md)
+        # veryfast with its cheapest motion search (diamond, subpixel refinement 1): 21 against 32 ms of CPU per
+        # 1280 px frame of a render, at the same bitrate within 1 % (docs/benchmarks/mouth/frame_parts.json)
         self.vs = self.c.add_stream("libx264", rate=Fraction(fps), options={"preset": "veryfast", "crf": str(crf),
                                                                             "x264-params": "me=dia:subme=1"})
         self.vs.width, self.vs.height, self.vs.pix_fmt = width, height, "yuv420p"
@@ -72,8 +72,8 @@ class Mp4Writer:
             self.audio_pos += n
 
     def write(self, rgb: np.ndarray) -> None:
-        # RGB -> I420 by OpenCV: BT.601 limited range, as swscale's default, but ~15x faster (0.5 ms against
-        # 8.5 ms for a 1280 px frame, which made a fifth of a render's encoding cost)
+        # RGB -> I420 by OpenCV: BT.601 limited range, as swscale's default, but 0.65 against 5.6 ms of CPU for a
+        # 1280 px frame (docs/benchmarks/mouth/frame_parts.json)
         fr = av.VideoFrame.from_ndarray(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2YUV_I420), format="yuv420p")
         fr.pts = self.frames
         fr.time_base = Fraction(1, self.fps)
