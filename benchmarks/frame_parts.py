@@ -39,8 +39,12 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def cpu_ms(fn, *, n: int = 20, repeats: int = 5) -> float:
+CALLS, REPEATS, X264_FRAMES = 20, 5, 75  # --quick: 2, 1, 10 (a smoke run: the figures are then rough)
+
+
+def cpu_ms(fn, *, n: int | None = None, repeats: int | None = None) -> float:
     """Median over ``repeats`` of the CPU milliseconds per call of ``fn`` (``n`` calls each)."""
+    n, repeats = n or CALLS, repeats or REPEATS
     fn()
     runs = []
     for _ in range(repeats):
@@ -80,7 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--portrait", default=str(HALLO))
+    ap.add_argument("--voice", default=str(VOICE), help="speech for the landmarks and the x264 frames' render")
+    ap.add_argument("--quick", action="store_true", help="few calls and frames: checks the benchmark runs, its figures are rough")
     a = ap.parse_args(argv)
+    global CALLS, REPEATS, X264_FRAMES
+    if a.quick:
+        CALLS, REPEATS, X264_FRAMES = 2, 1, 10
     import av
     import cv2
 
@@ -98,12 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
     img = load_portrait(a.portrait)
     avatar = prepare_avatar(img, rt, crop_size_px=b.crop_size_px)
     gen = FrameGenerator(rt, avatar, seed=0)
-    feats = gen.audio_features(decode_audio(VOICE), 100)
+    feats = gen.audio_features(decode_audio(a.voice), 100)
     lms = gen.landmarks(feats)
     lm = gen.ref_all[0].clone()
     lm[gen.moving] = lms[50]
     lm_crop = from_patch_units(lm.numpy())
-    rep: dict = {"portrait": Path(a.portrait).name, "image_px": list(img.shape[:2]), "unit": "ms of CPU per call, median"}
+    rep: dict = {"portrait": Path(a.portrait).name, "image_px": list(img.shape[:2]), "unit": "ms of CPU per call, median",
+                 "calls": CALLS, "repeats": REPEATS, "quick": a.quick}
 
     warps = {k: PortraitWarp(avatar.image, avatar.affine, avatar.landmarks, avatar.crop_size_px, gen.warp_idx,
                              PixelWarpConfig(cubic=k == "bicubic"), moving=gen.moving) for k in ("bicubic", "bilinear")}
@@ -128,9 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as d:  # real frames: the render's own output, decoded
         mp4 = Path(d) / "r.mp4"
-        render(a.portrait, VOICE, mp4, progress=False, c2pa=False)
+        render(a.portrait, a.voice, mp4, progress=False, c2pa=False)
         with av.open(str(mp4)) as c:
-            frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(75), c.decode(video=0))]
+            frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(X264_FRAMES), c.decode(video=0))]
     rep["x264_veryfast_crf18"] = {"as_before": _x264(frames, {"preset": "veryfast", "crf": "18"}),
                                   "now": _x264(frames, {"preset": "veryfast", "crf": "18", "x264-params": "me=dia:subme=1"})}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

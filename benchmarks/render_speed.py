@@ -75,7 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--before", help="another checkout (e.g. `git worktree add /tmp/before HEAD~1`) rendered the same way")
     ap.add_argument("--voice", default=str(VOICE))
     ap.add_argument("--repeats", type=int, default=3, help="renders of each variant (the report keeps the median and all)")
+    ap.add_argument("--portraits", default=",".join(PORTRAITS), help=f"which of {', '.join(PORTRAITS)} (comma-separated)")
     a = ap.parse_args(argv)
+    unknown = set(a.portraits.split(",")) - set(PORTRAITS) - {""}
+    portraits = {n: PORTRAITS[n] for n in a.portraits.split(",") if n in PORTRAITS}
+    if unknown or not portraits:
+        raise SystemExit(f"--portraits: unknown {sorted(unknown)}; known: {', '.join(PORTRAITS)}")
     voice = Path(a.voice)
     if not voice.is_file():
         raise SystemExit(f"{voice}: not found (the shared data lies beside the checkout)")
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     rep["repeats"] = a.repeats
     got: dict[tuple[str, str], list[dict]] = {}
     for i in range(a.repeats):  # round robin, so that a drift of the machine's speed spreads over every variant
-        for name, portrait in PORTRAITS.items():
+        for name, portrait in portraits.items():
             for label, code, mark in runs:  # the watermark's share: its pattern makes frames dearer to encode
                 r = render_once(code, portrait, voice, watermark=mark)
                 got.setdefault((name, label), []).append(r)
