@@ -62,14 +62,18 @@ def main() -> None:
     notes["articulation"] = {"gain": art.gain, "max_opening_ratio": art.max_opening_ratio, "calibrated_on": art.calibrated_on}
     notes["head_motion"] = {"source": lib.source, "segments": len(lib.segments), "stats": lib.stats()}
     (d / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    md = (d / "data_card.md").read_text().split("\n## Motion layers")[0].rstrip() + "\n"
+    text = (d / "data_card.md").read_text()
+    head, _, rest = text.partition("\n## Motion layers")
+    after = rest[rest.find("\n## "):] if "\n## " in rest else ""  # later sections (the mouth region's) are kept
+    md = head.rstrip() + "\n"
     md += ("\n## Motion layers (issue 14)\n\n"
            f"- Articulation gain {art.gain} on the A2L's displacements, openings capped at {art.max_opening_ratio} of the mouth's width "
            f"(`articulation.json`, fitted on {art.calibrated_on}).\n"
            f"- Head motion replayed from real people (`head_motion.json`): {lib.source}.\n")
     if a.a2l:
-        md += f"- A2L retrained: run `{a.a2l}` (config in data_card.json, `motion.a2l`).\n"
-    (d / "data_card.md").write_text(md)
+        md += (f"- A2L replaced: run `{a.a2l}` ({json.loads((Path(a.a2l) / 'a2l.json').read_text()).get('arch', 'gru')}; config and held-out "
+               "figures in data_card.json, `motion.a2l`).\n")
+    (d / "data_card.md").write_text(md + after)
     keep = {k: v for k, v in manifest.items() if k not in ("format", "fps", "sample_rate_hz", "crop_size_px", "steps", "models", "torch_version", "files")}
     write_manifest(d, fps=manifest["fps"], sample_rate_hz=manifest["sample_rate_hz"], crop_size_px=manifest["crop_size_px"],
                    steps=manifest["steps"], extra=keep)

@@ -8,6 +8,8 @@ from pathlib import Path
 from engine.models.io import config_from_dict
 from engine.training.loop import train_config_from
 
+LAMBDAS = (0.3, 1.0, 3.0, 10.0, 30.0)  # engine/training/a2l_linear.LAMBDAS, without importing torch here
+
 
 def run_training(model: str, *, data: list[str], config: Path, out: Path) -> None:
     if not config.is_file():
@@ -22,7 +24,8 @@ def run_training(model: str, *, data: list[str], config: Path, out: Path) -> Non
                        "neutral_reference_prob", "audio_encoder", "landmark_delay_frames"},
                "denoiser": {"autoencoder", "audio_encoder", "mask_weight", "ref_min", "ref_max", "prev_min", "prev_max", "prev_noise",
                             "p_no_previous", "landmark_jitter", "region", "init"}}
-    if model in allowed and set(opts) - allowed[model]:
+    linear = model == "a2l" and spec.get("model", {}).get("a2l", {}).get("arch") == "linear"  # fitted, not trained: its own options
+    if model in allowed and not linear and set(opts) - allowed[model]:
         raise ValueError(f"{config}: unknown {model} options {sorted(set(opts) - allowed[model])}; known: {sorted(allowed[model])}")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(config, out / "config.json")
@@ -31,6 +34,13 @@ def run_training(model: str, *, data: list[str], config: Path, out: Path) -> Non
         from engine.training.autoencoder import train_autoencoder
 
         train_autoencoder(data, str(out), config_from_dict(AutoencoderConfig, spec.get("model", {})), tcfg, **opts)
+    elif linear:
+        from engine.training.a2l_linear import fit_linear_a2l
+
+        if set(opts) - {"audio_encoder", "lambdas", "folds"} or "audio_encoder" not in opts:
+            raise ValueError(f"{config}: a linear A2L takes the options audio_encoder (required), lambdas, folds; got {sorted(opts)}")
+        fit_linear_a2l(data, str(out), audio_encoder=opts["audio_encoder"], lambdas=tuple(opts.get("lambdas", LAMBDAS)),
+                       folds=int(opts.get("folds", 5)), seed=tcfg.seed)
     elif model == "a2l":
         from engine.training.a2l import train_a2l
 

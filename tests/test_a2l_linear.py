@@ -1,0 +1,125 @@
+"""The linear A2L: its module streams frame by frame and exports, the ridge fit recovers a known map,
+cross-validation ranks strengths by held-out error, and a fit on real prepared clips follows the mouth."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.face.region import moving_indices
+from engine.models.a2l import A2LConfig, AudioToLandmarks
+from engine.models.io import load_model
+from engine.training.a2l import opening_columns
+from engine.training.a2l_linear import Ridge, cross_validate, design, fit_linear_a2l
+from tests.tiny import A2L
+
+LINEAR = dataclasses.replace(A2L, arch="linear", hidden=1, layers=1)
+
+
+def test_linear_a2l_reads_each_frame_alone_and_passes_the_state():
+    m = AudioToLandmarks(LINEAR).eval()
+    with torch.no_grad():
+        m.readout.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    audio, ref = torch.randn(1, 6, 16), torch.rand(1, LINEAR.n_landmarks, 2)
+    state = torch.full((1, 1, 1), 7.0)
+    whole, out_state = m(audio, ref, state)
+    assert whole.shape == (1, 6, LINEAR.n_landmarks, 2) and torch.equal(out_state, state)
+    parts = torch.cat([m(audio[:, t : t + 1], ref)[0] for t in range(6)], dim=1)
+    assert torch.allclose(parts, whole, atol=1e-6)
+    audio2 = audio.clone()
+    audio2[:, 3] += 1.0  # one frame's audio moves that frame only
+    moved = (m(audio2, ref)[0] - whole).abs().amax(dim=(0, 2, 3))
+    assert moved[3] > 0 and torch.count_nonzero(moved) == 1
+    with torch.no_grad():
+        m.readout.weight.zero_()
+        m.readout.bias.zero_()
+    assert torch.equal(m(audio, ref)[0], ref[:, None].expand(-1, 6, -1, -1))  # no readout: the reference itself
+    with pytest.raises(ValueError, match="gru or linear"):
+        AudioToLandmarks(dataclasses.replace(A2L, arch="transformer"))
+
+
+def test_linear_a2l_exports_to_onnx(tmp_path):
+    from export.onnx import export_model
+    from export.specs import spec_by_name
+
+    m = AudioToLandmarks(LINEAR).eval()
+    with torch.no_grad():
+        m.readout.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
+    spec = spec_by_name("a2l")
+    rep = export_model(spec, spec.module_for(m), tmp_path / "a2l.onnx")
+    assert rep["max_abs_error"]["landmarks"] < 1e-5 and rep["max_abs_error"]["state_out"] == 0.0
+
+
+def _synthetic(rng, w_true, b_true, n_ids=6, noise=0.0):
+    """Examples as segment_examples returns them: features, a reference, the displacement (linear in both)."""
+    out = []
+    d, k2 = w_true.shape[0] - w_true.shape[1], w_true.shape[1]
+    for i in range(n_ids):
+        for _ in range(3):
+            e = {"feats": rng.standard_normal((40, d)), "reference": 0.5 + 0.05 * rng.standard_normal(k2), "identity": f"id{i}"}
+            e["target"] = design(e) @ w_true + b_true + noise * rng.standard_normal((40, k2))
+            out.append(e)
+    return out
+
+
+def test_ridge_recovers_a_known_map():
+    rng = np.random.default_rng(0)
+    k2 = 2 * len(moving_indices())
+    w_true, b_true = 0.01 * rng.standard_normal((8 + k2, k2)), 0.01 * rng.standard_normal(k2)
+    ex = _synthetic(rng, w_true, b_true)
+    w, b = Ridge(ex, 8).solve(1e-9, 1e-9)
+    e = ex[0]
+    np.testing.assert_allclose(design(e) @ w + b, e["target"], atol=1e-6)  # the standardisation is folded back exactly
+    w_strong, _ = Ridge(ex, 8).solve(1e3, 1e-9)
+    assert np.abs(w_strong[:8]).max() < 0.05 * np.abs(w[:8]).max()  # the audio strength shrinks the audio weights only
+    assert np.abs(w_strong[8:]).max() > 0.5 * np.abs(w[8:]).max()
+
+
+def test_cross_validation_prefers_the_strength_that_generalises():
+    rng = np.random.default_rng(1)
+    idx = moving_indices()
+    up, lo = opening_columns(idx)
+    k2 = 2 * len(idx)
+    w_true = np.zeros((8 + k2, k2))
+    w_true[0, 2 * lo + 1] = 0.01  # feature 0 opens the mouth
+    ex = _synthetic(rng, w_true, np.zeros(k2), noise=0.002)
+    cv = cross_validate(ex, (1e-4, 1e3), 3, up, lo, 8)
+    assert set(cv) == {1e-4, 1e3}
+    assert cv[1e-4]["mse"] < cv[1e3]["mse"] and cv[1e-4]["corr"] > 0.9  # a real signal: weak shrinkage wins on held-out identities
+
+
+@pytest.mark.shared_data
+def test_fit_on_real_clips_follows_the_mouth(shared_data: Path, tmp_path: Path):
+    from engine.data.prepare import PrepareConfig, prepare
+
+    clips = shared_data / "clips"
+    names = ["LipNet__evaluation_samples_GRID_bbaf2n.mpg", "LipNet__evaluation_samples_id2_vcd_swwp2s.mpg", "vox2__Input_00010.mp4",
+             "vox2__Audio_Source_00086.mp4"]  # three training identities and one held out (engine/data/splits.json)
+    prepare([clips / n for n in names], tmp_path / "p", PrepareConfig(crop_size_px=256), jobs=2, progress=False)
+    enc = Path(__file__).resolve().parents[1] / "engine" / "bundles" / "default" / "audio_encoder"
+    rep = fit_linear_a2l([str(tmp_path / "p")], str(tmp_path / "run"), audio_encoder=str(enc), lambdas=(0.1, 1.0), folds=3)
+    assert rep["training"]["identities"] == 3 and rep["audio_strength"] in (0.1, 1.0)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["held_out"]["p"]["segments"] == 1
+    m = load_model(AudioToLandmarks, A2LConfig, tmp_path / "run" / "a2l")
+    assert m.config.arch == "linear" and (tmp_path / "run" / "audio_encoder.pt").is_file()
+    held = rep["held_out"]["p"]
+    assert np.isfinite(held["mouth_opening_correlation"]) and held["lip_error_px_at_256"] < 2 * held["static_reference_lip_error_px_at_256"]
+    # on the clips it was fitted on, the readout's opening follows the real one (the fit worked on real landmarks and audio)
+    from engine.models.audio_encoder import AudioEncoder, AudioEncoderConfig
+    from engine.training.a2l_linear import _opening, segment_examples
+    from engine.training.data import FrameStore
+
+    store = FrameStore([tmp_path / "p"], split="train", with_patches=False)
+    idx = np.asarray(m.config.landmark_indices)
+    up, lo = opening_columns(idx)
+    w, b = m.readout.weight.detach().double().numpy().T, m.readout.bias.detach().double().numpy()
+    corr = [np.corrcoef(_opening(design(e) @ w + b, up, lo), _opening(e["target"], up, lo))[0, 1]
+            for e in segment_examples(load_model(AudioEncoder, AudioEncoderConfig, enc).eval(), store, store.audio_segments(), idx,
+                                      np.random.default_rng(0), n_random=0)]
+    print("in-sample opening correlation", corr)
+    assert np.mean(corr) > 0.5
