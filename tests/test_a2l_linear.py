@@ -14,7 +14,7 @@ from engine.face.region import moving_indices
 from engine.models.a2l import A2LConfig, AudioToLandmarks
 from engine.models.io import load_model
 from engine.training.a2l import opening_columns
-from engine.training.a2l_linear import Ridge, cross_validate, design, fit_linear_a2l
+from engine.training.a2l_linear import Ridge, cross_validate, design, fit_linear_a2l, spread_gain, with_audio_gain
 from tests.tiny import A2L
 
 LINEAR = dataclasses.replace(A2L, arch="linear", hidden=1, layers=1)
@@ -88,9 +88,21 @@ def test_cross_validation_prefers_the_strength_that_generalises():
     w_true = np.zeros((8 + k2, k2))
     w_true[0, 2 * lo + 1] = 0.01  # feature 0 opens the mouth
     ex = _synthetic(rng, w_true, np.zeros(k2), noise=0.002)
-    cv = cross_validate(ex, (1e-4, 1e3), 3, up, lo, 8)
-    assert set(cv) == {1e-4, 1e3}
-    assert cv[1e-4]["mse"] < cv[1e3]["mse"] and cv[1e-4]["corr"] > 0.9  # a real signal: weak shrinkage wins on held-out identities
+    cv = cross_validate(ex, (1e-4, 1e3), 3, up, lo, 8, reference_strengths=(0.01,))
+    assert set(cv) == {(1e-4, 0.01), (1e3, 0.01)}
+    weak, strong = cv[(1e-4, 0.01)], cv[(1e3, 0.01)]
+    assert weak["mse"] < strong["mse"] and weak["corr"] > 0.9  # a real signal: weak shrinkage wins on held-out identities
+    # the shrunk fit opens the mouth less; the spread gain undoes it around the mean feature, leaving the resting place
+    w, b = Ridge(ex, 8).solve(0.05, 0.01)
+    gain = spread_gain(ex, w, b, up, lo, 8)
+    assert 1.0 < gain <= 3.0
+    mean_f = np.concatenate([e["feats"] for e in ex]).mean(0)
+    w2, b2 = with_audio_gain(w, b, gain, mean_f, 8)
+    e = ex[0]
+    at_mean = dict(e, feats=np.repeat(mean_f[None], 2, 0))
+    np.testing.assert_allclose(design(at_mean) @ w2 + b2, design(at_mean) @ w + b, atol=1e-12)
+    dev = lambda w_, b_: design(e) @ w_ + b_ - (design(at_mean) @ w_ + b_)[:1]
+    np.testing.assert_allclose(dev(w2, b2), gain * dev(w, b), atol=1e-9)
 
 
 @pytest.mark.shared_data
@@ -103,7 +115,7 @@ def test_fit_on_real_clips_follows_the_mouth(shared_data: Path, tmp_path: Path):
     prepare([clips / n for n in names], tmp_path / "p", PrepareConfig(crop_size_px=256), jobs=2, progress=False)
     enc = Path(__file__).resolve().parents[1] / "engine" / "bundles" / "default" / "audio_encoder"
     rep = fit_linear_a2l([str(tmp_path / "p")], str(tmp_path / "run"), audio_encoder=str(enc), lambdas=(0.1, 1.0), folds=3)
-    assert rep["training"]["identities"] == 3 and rep["audio_strength"] in (0.1, 1.0)
+    assert rep["training"]["identities"] == 3 and rep["audio_strength"] in (0.1, 1.0) and 1.0 <= rep["audio_gain"] <= 3.0
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["held_out"]["p"]["segments"] == 1
     m = load_model(AudioToLandmarks, A2LConfig, tmp_path / "run" / "a2l")
     assert m.config.arch == "linear" and (tmp_path / "run" / "audio_encoder.pt").is_file()

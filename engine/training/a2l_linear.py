@@ -1,14 +1,18 @@
 """Fit the linear A2L (``A2LConfig(arch="linear")``) in closed form on a frozen audio encoder.
 
 Each training frame gives the encoder's feature (the bundle's own encoder, frozen: its denoiser is
-conditioned on the same features) and the lip and jaw landmarks' displacement from the segment's
-most closed frame (the mouth a portrait usually shows). A ridge regression maps one to the other;
-its strength is chosen by cross-validation over held-out *identities* of the training split (the
-question is how well it does on a voice it has not heard), never on the evaluation split.
+conditioned on the same features), a reference (the segment's most closed frame, the mouth a
+portrait usually shows, and random frames, so that an open reference is learnt to close) and the
+lip and jaw landmarks' displacement from it. A ridge regression maps features and reference to
+the displacement; the audio weights' strength is chosen by cross-validation over held-out
+*identities* of the training split (how well it does on a voice it has not heard), never on the
+evaluation split. Ridge shrinks: the audio part is then scaled around the mean feature so that the
+opening varies as much as the real one (``spread_gain``), inside the readout, which replaces the
+articulation layer's gain (that one would also scale the constant part: a mouth open in silence).
 
 Why not the GRU: on unseen voices the trained GRU's mouth opening follows the truth with a
-correlation of 0.22, a ridge readout of the same features with about 0.35; a few dozen voices are
-too few for the GRU's capacity (docs/training/a2l_readout.json).
+correlation of 0.22, this readout of the same features with 0.34; a few dozen voices are too few
+for the GRU's capacity (docs/training/a2l_readout.json).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from engine.training.a2l import evaluate_a2l, neutral_frames, opening_columns
 from engine.training.data import FrameStore
 
 LAMBDAS = (0.3, 1.0, 3.0, 10.0, 30.0)  # ridge strengths tried on the audio feature's weights (per frame, standardised inputs)
-REFERENCE_STRENGTH = 0.01  # on the reference's weights: they only need to learn to close an open reference
+REFERENCE_STRENGTHS = (0.01,)  # on the reference's weights: free to learn to close an open reference (see fit_linear_a2l)
 REFERENCES_PER_SEGMENT = 3  # random references per segment, besides its most closed frame
 
 
@@ -63,7 +67,7 @@ class Ridge:
         z = (x - self.mu) / self.sd
         self.gram, self.cross, self.my, self.n, self.n_audio = z.T @ z, z.T @ (y - y.mean(0)), y.mean(0), len(z), n_audio
 
-    def solve(self, lam_audio: float, lam_reference: float = REFERENCE_STRENGTH) -> tuple[np.ndarray, np.ndarray]:
+    def solve(self, lam_audio: float, lam_reference: float) -> tuple[np.ndarray, np.ndarray]:
         """(W (D + 2K, 2K), b (2K,)) on the raw regressors (the standardisation folded in)."""
         pen = np.r_[np.full(self.n_audio, lam_audio), np.full(len(self.mu) - self.n_audio, lam_reference)] * self.n
         w = np.linalg.solve(self.gram + np.diag(pen), self.cross) / self.sd[:, None]
@@ -75,27 +79,58 @@ def _opening(d: np.ndarray, up: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return (d[:, lo, 1] - d[:, up, 1]).mean(1)
 
 
-def cross_validate(examples: list[dict], lambdas, folds: int, up, lo, n_audio: int, seed: int = 0) -> dict[float, dict]:
-    """Per strength, on held-out identities (``folds`` groups of them): the displacement's mean squared error
-    (what is minimised; the choice) and the inner-lip opening's correlation and spread ratio (reported),
-    each averaged per identity first so that GRID's one speaker with many clips does not decide."""
+def cross_validate(examples: list[dict], lambdas, folds: int, up, lo, n_audio: int, seed: int = 0,
+                   reference_strengths=REFERENCE_STRENGTHS) -> dict[tuple[float, float], dict]:
+    """Per pair of strengths (audio, reference), on held-out identities (``folds`` groups of them): the
+    displacement's mean squared error (what is minimised; the choice) and the inner-lip opening's correlation
+    and spread ratio (reported), each averaged per identity first so that GRID's one speaker with many clips
+    does not decide."""
     ids = sorted({e["identity"] for e in examples})
     order = np.random.default_rng(seed).permutation(len(ids))
     fold_of = {ids[j]: k % folds for k, j in enumerate(order)}
-    res: dict[float, dict[str, dict[str, list[float]]]] = {lam: {} for lam in lambdas}
+    pairs = [(la, lr) for la in lambdas for lr in reference_strengths]
+    res: dict[tuple[float, float], dict[str, dict[str, list[float]]]] = {p: {} for p in pairs}
     for f in range(folds):
         test = [e for e in examples if fold_of[e["identity"]] == f]
         fit = Ridge([e for e in examples if fold_of[e["identity"]] != f], n_audio)
-        for lam in lambdas:
-            w, b = fit.solve(lam)
+        for pair in pairs:
+            w, b = fit.solve(*pair)
             for e in test:
                 p = design(e) @ w + b
                 po, go = _opening(p, up, lo), _opening(e["target"], up, lo)
-                m = res[lam].setdefault(e["identity"], {"mse": [], "corr": [], "spread": []})
+                m = res[pair].setdefault(e["identity"], {"mse": [], "corr": [], "spread": []})
                 m["mse"].append(float(((p - e["target"]) ** 2).mean()))
                 m["corr"].append(float(np.corrcoef(po, go)[0, 1]) if po.std() > 0 and go.std() > 0 else 0.0)
                 m["spread"].append(float(po.std() / max(go.std(), 1e-9)))
-    return {lam: {k: float(np.mean([np.mean(v[k]) for v in per_id.values()])) for k in ("mse", "corr", "spread")} for lam, per_id in res.items()}
+    return {p: {k: float(np.mean([np.mean(v[k]) for v in per_id.values()])) for k in ("mse", "corr", "spread")} for p, per_id in res.items()}
+
+
+def spread_gain(examples: list[dict], w: np.ndarray, b: np.ndarray, up, lo, n_audio: int, max_gain: float = 3.0) -> float:
+    """How much the audio part must be scaled for the predicted opening to vary as much as the real one:
+    per identity, the ratio of the real and predicted openings' standard deviations pooled over its segments
+    (reference: each segment's most closed frame, the first example of each), then the median over identities
+    (as ``calibrate_articulation`` does for the GRU), within [1, ``max_gain``]. Ridge shrinks; this undoes it."""
+    var: dict[str, list[float]] = {}
+    seen = set()
+    for e in examples:
+        key = id(e["feats"])
+        if key in seen:  # one reference per segment: the most closed frame, listed first
+            continue
+        seen.add(key)
+        p = e["feats"] @ w[:n_audio]  # the audio part alone: the reference's part is constant over the segment
+        v = var.setdefault(e["identity"], [0.0, 0.0])
+        v[0] += float(_opening(e["target"], up, lo).var()) * len(p)
+        v[1] += float(_opening(p, up, lo).var()) * len(p)
+    return float(np.clip(np.median([np.sqrt(g / max(q, 1e-12)) for g, q in var.values()]), 1.0, max_gain))
+
+
+def with_audio_gain(w: np.ndarray, b: np.ndarray, gain: float, mean_feature: np.ndarray, n_audio: int) -> tuple[np.ndarray, np.ndarray]:
+    """The audio weights scaled by ``gain`` around the mean feature: the same prediction for an average frame
+    (so the mouth's resting place does not move), ``gain`` times the variation around it. Applied after the
+    layer that comes later (engine/motion/articulation.py) would scale the constant part too: a mouth open in silence."""
+    w2 = w.copy()
+    w2[:n_audio] *= gain
+    return w2, b - (gain - 1.0) * (mean_feature @ w[:n_audio])
 
 
 def fit_linear_a2l(data_dirs: list[str], out_dir: str, *, audio_encoder: str, lambdas: tuple[float, ...] = LAMBDAS, folds: int = 5,
@@ -112,16 +147,19 @@ def fit_linear_a2l(data_dirs: list[str], out_dir: str, *, audio_encoder: str, la
     examples = segment_examples(enc, store, segs, idx, np.random.default_rng(seed))
     d = enc.config.feature_dim
     cv = cross_validate(examples, lambdas, folds, up, lo, d, seed)
-    lam = min(cv, key=lambda k: cv[k]["mse"])
-    w, b = Ridge(examples, d).solve(lam)
+    lam, lam_ref = min(cv, key=lambda k: cv[k]["mse"])
+    w, b = Ridge(examples, d).solve(lam, lam_ref)
+    gain = spread_gain(examples, w, b, up, lo, d)
+    w, b = with_audio_gain(w, b, gain, np.concatenate([e["feats"] for e in examples]).mean(0), d)
     a2l = AudioToLandmarks(A2LConfig(landmark_indices=tuple(int(i) for i in idx), feature_dim=d, hidden=1, layers=1, arch="linear"))
     with torch.no_grad():
         a2l.readout.weight.copy_(torch.from_numpy(w.T.astype(np.float32)))
         a2l.readout.bias.copy_(torch.from_numpy(b.astype(np.float32)))
     save_model(a2l, out / "a2l")
     save_model(enc, out / "audio_encoder")
-    report = {"audio_strength": lam, "reference_strength": REFERENCE_STRENGTH,
-              "identity_cv": {str(k): {m: round(v, 6 if m == "mse" else 4) for m, v in r.items()} for k, r in cv.items()}, "folds": folds,
+    report = {"audio_strength": lam, "reference_strength": lam_ref, "audio_gain": round(gain, 4), "references_per_segment": 1 + REFERENCES_PER_SEGMENT,
+              "identity_cv": {f"audio {k[0]}, reference {k[1]}": {m: round(v, 6 if m == "mse" else 4) for m, v in r.items()} for k, r in cv.items()},
+              "folds": folds,
               "training": {"segments": len(segs), "frames": int(sum(len(store.segments[i].mel_index) for i in segs)),
                            "identities": len({e["identity"] for e in examples})},
               "held_out": {name: evaluate_a2l(enc, a2l, [dd]) for name, dd in _eval_groups(data_dirs)}}
