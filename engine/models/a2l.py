@@ -25,7 +25,9 @@ class A2LConfig:
     layers: int = 2  # GRU layers
     delta_scale: float = 0.1  # output scale: predicted offsets are small in patch units
     dropout: float = 0.0  # dropout on the GRU input (training only)
-    arch: str = "gru"  # "gru", or "linear": a ridge readout of the audio feature (no state; layers = hidden = 1)
+    arch: str = "gru"  # "gru", or "linear": a ridge readout of the audio feature and the reference
+    smoothing: float = 1.0  # linear only: weight of the new frame in a one-pole low-pass of the displacement (1: none);
+    #                         below 1 the state carries the last smoothed displacement: layers 1, hidden 2K
 
     @property
     def n_landmarks(self) -> int:
@@ -42,6 +44,10 @@ class AudioToLandmarks(nn.Module):
         self.config = config
         k2 = 2 * config.n_landmarks
         if config.arch == "linear":
+            if not 0.0 < config.smoothing <= 1.0:
+                raise ValueError(f"A2LConfig.smoothing must be in (0, 1], got {config.smoothing}")
+            if config.smoothing < 1.0 and (config.layers, config.hidden) != (1, k2):
+                raise ValueError(f"a smoothed linear A2L carries its displacement as the state: layers 1, hidden {k2}")
             self.readout = nn.Linear(config.feature_dim + k2, k2)  # [feature, reference] -> displacement from the reference
             return
         self.ref_proj = nn.Sequential(nn.Linear(k2, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.hidden))
@@ -57,11 +63,26 @@ class AudioToLandmarks(nn.Module):
             if state is None:
                 state = torch.zeros(self.config.layers, b, self.config.hidden, dtype=audio.dtype, device=audio.device)
             x = torch.cat([audio, reference.reshape(b, 1, -1).expand(-1, t, -1)], dim=-1)
-            return reference[:, None] + self.readout(x).reshape(b, t, -1, 2), state
-        r = self.ref_proj((reference - 0.5).reshape(b, -1))  # (B, H)
+            d = self.readout(x)  # (B, T, 2K)
+            if self.config.smoothing < 1.0:
+                d, state = self._low_pass(d, state)
+            return reference[:, None] + d.reshape(b, t, -1, 2), state
+        r = self.ref_proj((reference - 0.5).reshape(b, -1))  # (B, H)  (the GRU)
         x = self.drop(self.in_proj(torch.cat([audio, r[:, None].expand(-1, t, -1)], dim=-1)))  # (B, T, H)
         if state is None:
             state = torch.zeros(self.config.layers, b, self.config.hidden, dtype=audio.dtype, device=audio.device)
         h, state = self.gru(x, state)  # (B, T, H)
         delta = self.head(torch.cat([h, r[:, None].expand(-1, t, -1)], dim=-1)) * self.config.delta_scale  # (B, T, 2K)
         return reference[:, None] + delta.reshape(b, t, -1, 2), state
+
+    def _low_pass(self, d: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """s_t = s_(t-1) + a (d_t - s_(t-1)) over (B, T, 2K), from ``state`` (1, B, 2K), in closed form (a (T, T)
+        lower-triangular weight matrix: exports to ONNX for any T, and frame by frame equals the whole sequence)."""
+        a = self.config.smoothing
+        t = torch.arange(d.shape[1], device=d.device)
+        lag = (t[:, None] - t[None, :]).to(d.dtype)  # (T, T)
+        keep = torch.full_like(lag, 1.0 - a)
+        w = torch.where(lag >= 0, a * torch.pow(keep, lag.clamp(min=0.0)), torch.zeros_like(lag))
+        decay = torch.pow(torch.full_like(t, 1.0 - a, dtype=d.dtype), (t + 1).to(d.dtype))  # (T,)
+        s = torch.einsum("tk,bkd->btd", w, d) + decay[None, :, None] * state[0][:, None, :]
+        return s, s[:, -1:].transpose(0, 1).contiguous()

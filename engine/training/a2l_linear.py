@@ -9,9 +9,11 @@ the displacement; the audio weights' strength is chosen by cross-validation over
 evaluation split. Ridge shrinks: the audio part is then scaled around the mean feature so that the
 opening varies as much as the real one (``spread_gain``), inside the readout, which replaces the
 articulation layer's gain (that one would also scale the constant part: a mouth open in silence).
+A one-pole low-pass (``A2LConfig.smoothing``, chosen by the same cross-validation) takes out the
+frame-to-frame jitter of a per-frame readout.
 
 Why not the GRU: on unseen voices the trained GRU's mouth opening follows the truth with a
-correlation of 0.22, this readout of the same features with 0.34; a few dozen voices are too few
+correlation of 0.22, this readout of the same features with 0.37; a few dozen voices are too few
 for the GRU's capacity (docs/training/a2l_readout.json).
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from engine.training.data import FrameStore
 LAMBDAS = (0.3, 1.0, 3.0, 10.0, 30.0)  # ridge strengths tried on the audio feature's weights (per frame, standardised inputs)
 REFERENCE_STRENGTHS = (0.01,)  # on the reference's weights: free to learn to close an open reference (see fit_linear_a2l)
 REFERENCES_PER_SEGMENT = 3  # random references per segment, besides its most closed frame
+SMOOTHINGS = (1.0, 0.7, 0.5, 0.35)  # the low-pass's new-frame weights tried (1: none; 0.5 lags about a frame)
 
 
 @torch.no_grad()
@@ -74,38 +77,55 @@ class Ridge:
         return w, self.my - self.mu @ w
 
 
+def low_pass(d: np.ndarray, a: float) -> np.ndarray:
+    """(F, 2K) displacements through the A2L's one-pole low-pass from a zero state (the reference)."""
+    if a >= 1.0:
+        return d
+    out, s = np.empty_like(d), np.zeros(d.shape[1])
+    for t in range(len(d)):
+        s = s + a * (d[t] - s)
+        out[t] = s
+    return out
+
+
 def _opening(d: np.ndarray, up: np.ndarray, lo: np.ndarray) -> np.ndarray:
     d = d.reshape(len(d), -1, 2)
     return (d[:, lo, 1] - d[:, up, 1]).mean(1)
 
 
 def cross_validate(examples: list[dict], lambdas, folds: int, up, lo, n_audio: int, seed: int = 0,
-                   reference_strengths=REFERENCE_STRENGTHS) -> dict[tuple[float, float], dict]:
-    """Per pair of strengths (audio, reference), on held-out identities (``folds`` groups of them): the
-    displacement's mean squared error (what is minimised; the choice) and the inner-lip opening's correlation
-    and spread ratio (reported), each averaged per identity first so that GRID's one speaker with many clips
-    does not decide."""
+                   reference_strengths=REFERENCE_STRENGTHS, smoothings=(1.0,)) -> dict[tuple[float, float, float], dict]:
+    """Per (audio strength, reference strength, smoothing), on held-out identities (``folds`` groups of them):
+    the displacement's mean squared error (what is minimised; the choice) and the inner-lip opening's
+    correlation and spread ratio (reported), each averaged per identity first so that GRID's one speaker
+    with many clips does not decide."""
     ids = sorted({e["identity"] for e in examples})
     order = np.random.default_rng(seed).permutation(len(ids))
     fold_of = {ids[j]: k % folds for k, j in enumerate(order)}
-    pairs = [(la, lr) for la in lambdas for lr in reference_strengths]
-    res: dict[tuple[float, float], dict[str, dict[str, list[float]]]] = {p: {} for p in pairs}
+    keys = [(la, lr, sm) for la in lambdas for lr in reference_strengths for sm in smoothings]
+    res: dict[tuple, dict[str, dict[str, list[float]]]] = {k: {} for k in keys}
     for f in range(folds):
         test = [e for e in examples if fold_of[e["identity"]] == f]
         fit = Ridge([e for e in examples if fold_of[e["identity"]] != f], n_audio)
-        for pair in pairs:
-            w, b = fit.solve(*pair)
-            for e in test:
-                p = design(e) @ w + b
-                po, go = _opening(p, up, lo), _opening(e["target"], up, lo)
-                m = res[pair].setdefault(e["identity"], {"mse": [], "corr": [], "spread": []})
-                m["mse"].append(float(((p - e["target"]) ** 2).mean()))
-                m["corr"].append(float(np.corrcoef(po, go)[0, 1]) if po.std() > 0 and go.std() > 0 else 0.0)
-                m["spread"].append(float(po.std() / max(go.std(), 1e-9)))
-    return {p: {k: float(np.mean([np.mean(v[k]) for v in per_id.values()])) for k in ("mse", "corr", "spread")} for p, per_id in res.items()}
+        for la in lambdas:
+            for lr in reference_strengths:
+                w, b = fit.solve(la, lr)
+                for e in test:
+                    raw = design(e) @ w + b
+                    for sm in smoothings:
+                        p = low_pass(raw, sm)
+                        po, go = _opening(p, up, lo), _opening(e["target"], up, lo)
+                        m = res[(la, lr, sm)].setdefault(e["identity"], {"mse": [], "corr": [], "spread": [], "speed": []})
+                        m["mse"].append(float(((p - e["target"]) ** 2).mean()))
+                        m["corr"].append(float(np.corrcoef(po, go)[0, 1]) if po.std() > 0 and go.std() > 0 else 0.0)
+                        m["spread"].append(float(po.std() / max(go.std(), 1e-9)))
+                        m["speed"].append(float(np.abs(np.diff(po)).mean() / max(np.abs(np.diff(go)).mean(), 1e-9)))
+    return {k: {q: float(np.mean([np.mean(v[q]) for v in per_id.values()])) for q in ("mse", "corr", "spread", "speed")}
+            for k, per_id in res.items()}
 
 
-def spread_gain(examples: list[dict], w: np.ndarray, b: np.ndarray, up, lo, n_audio: int, max_gain: float = 3.0) -> float:
+def spread_gain(examples: list[dict], w: np.ndarray, b: np.ndarray, up, lo, n_audio: int, max_gain: float = 3.0,
+                smoothing: float = 1.0) -> float:
     """How much the audio part must be scaled for the predicted opening to vary as much as the real one:
     per identity, the ratio of the real and predicted openings' standard deviations pooled over its segments
     (reference: each segment's most closed frame, the first example of each), then the median over identities
@@ -118,6 +138,7 @@ def spread_gain(examples: list[dict], w: np.ndarray, b: np.ndarray, up, lo, n_au
             continue
         seen.add(key)
         p = e["feats"] @ w[:n_audio]  # the audio part alone: the reference's part is constant over the segment
+        p = low_pass(p - p.mean(0), smoothing)  # as the A2L will smooth it (around its mean: no start-up transient)
         v = var.setdefault(e["identity"], [0.0, 0.0])
         v[0] += float(_opening(e["target"], up, lo).var()) * len(p)
         v[1] += float(_opening(p, up, lo).var()) * len(p)
@@ -134,7 +155,7 @@ def with_audio_gain(w: np.ndarray, b: np.ndarray, gain: float, mean_feature: np.
 
 
 def fit_linear_a2l(data_dirs: list[str], out_dir: str, *, audio_encoder: str, lambdas: tuple[float, ...] = LAMBDAS, folds: int = 5,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, smoothings: tuple[float, ...] = SMOOTHINGS) -> dict:
     """Fit, choose the audio strength by identity cross-validation, save ``a2l`` and ``audio_encoder`` (a copy
     of the frozen one) in ``out_dir`` with ``eval.json``; returns the report."""
     out = Path(out_dir)
@@ -146,19 +167,23 @@ def fit_linear_a2l(data_dirs: list[str], out_dir: str, *, audio_encoder: str, la
     up, lo = opening_columns(idx)
     examples = segment_examples(enc, store, segs, idx, np.random.default_rng(seed))
     d = enc.config.feature_dim
-    cv = cross_validate(examples, lambdas, folds, up, lo, d, seed)
-    lam, lam_ref = min(cv, key=lambda k: cv[k]["mse"])
+    cv = cross_validate(examples, lambdas, folds, up, lo, d, seed, smoothings=smoothings)
+    lam, lam_ref, smoothing = min(cv, key=lambda k: cv[k]["mse"])
     w, b = Ridge(examples, d).solve(lam, lam_ref)
-    gain = spread_gain(examples, w, b, up, lo, d)
+    gain = spread_gain(examples, w, b, up, lo, d, smoothing=smoothing)
     w, b = with_audio_gain(w, b, gain, np.concatenate([e["feats"] for e in examples]).mean(0), d)
-    a2l = AudioToLandmarks(A2LConfig(landmark_indices=tuple(int(i) for i in idx), feature_dim=d, hidden=1, layers=1, arch="linear"))
+    k2 = 2 * len(idx)
+    a2l = AudioToLandmarks(A2LConfig(landmark_indices=tuple(int(i) for i in idx), feature_dim=d, arch="linear", smoothing=smoothing,
+                                     layers=1, hidden=k2 if smoothing < 1.0 else 1))
     with torch.no_grad():
         a2l.readout.weight.copy_(torch.from_numpy(w.T.astype(np.float32)))
         a2l.readout.bias.copy_(torch.from_numpy(b.astype(np.float32)))
     save_model(a2l, out / "a2l")
     save_model(enc, out / "audio_encoder")
-    report = {"audio_strength": lam, "reference_strength": lam_ref, "audio_gain": round(gain, 4), "references_per_segment": 1 + REFERENCES_PER_SEGMENT,
-              "identity_cv": {f"audio {k[0]}, reference {k[1]}": {m: round(v, 6 if m == "mse" else 4) for m, v in r.items()} for k, r in cv.items()},
+    report = {"audio_strength": lam, "reference_strength": lam_ref, "smoothing": smoothing, "audio_gain": round(gain, 4),
+              "references_per_segment": 1 + REFERENCES_PER_SEGMENT,
+              "identity_cv": {f"audio {k[0]}, reference {k[1]}, smoothing {k[2]}": {m: round(v, 6 if m == "mse" else 4) for m, v in r.items()}
+                              for k, r in cv.items()},
               "folds": folds,
               "training": {"segments": len(segs), "frames": int(sum(len(store.segments[i].mel_index) for i in segs)),
                            "identities": len({e["identity"] for e in examples})},

@@ -8,7 +8,8 @@ from pathlib import Path
 from engine.models.io import config_from_dict
 from engine.training.loop import train_config_from
 
-LAMBDAS = (0.3, 1.0, 3.0, 10.0, 30.0)  # engine/training/a2l_linear.LAMBDAS, without importing torch here
+LAMBDAS = (0.3, 1.0, 3.0, 10.0, 30.0)  # engine/training/a2l_linear.LAMBDAS and SMOOTHINGS, without importing torch here
+SMOOTHINGS = (1.0, 0.7, 0.5, 0.35)
 
 
 def run_training(model: str, *, data: list[str], config: Path, out: Path) -> None:
@@ -37,10 +38,10 @@ def run_training(model: str, *, data: list[str], config: Path, out: Path) -> Non
     elif linear:
         from engine.training.a2l_linear import fit_linear_a2l
 
-        if set(opts) - {"audio_encoder", "lambdas", "folds"} or "audio_encoder" not in opts:
-            raise ValueError(f"{config}: a linear A2L takes the options audio_encoder (required), lambdas, folds; got {sorted(opts)}")
+        if set(opts) - {"audio_encoder", "lambdas", "folds", "smoothings"} or "audio_encoder" not in opts:
+            raise ValueError(f"{config}: a linear A2L takes the options audio_encoder (required), lambdas, folds, smoothings; got {sorted(opts)}")
         fit_linear_a2l(data, str(out), audio_encoder=opts["audio_encoder"], lambdas=tuple(opts.get("lambdas", LAMBDAS)),
-                       folds=int(opts.get("folds", 5)), seed=tcfg.seed)
+                       folds=int(opts.get("folds", 5)), seed=tcfg.seed, smoothings=tuple(opts.get("smoothings", SMOOTHINGS)))
     elif model == "a2l":
         from engine.training.a2l import train_a2l
 
