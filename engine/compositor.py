@@ -8,6 +8,13 @@ polygon of the target landmarks grown by ``dilate`` and feathered by ``feather``
 takes nothing from the generator; where the portrait's own mouth is open, its interior (teeth,
 say) is warped along with the lips and kept: only what opens beyond it is generated
 (:func:`new_interior`).
+
+The denoiser's reference for the interior: the portrait warped to the frame's landmarks has its
+lips stretched across the opening (red where the mouth should be dark), and the denoiser, which
+starts from that reference, then paints a narrow mouth with lip below it inside a wide interior
+mask: a thick, smeared lower lip. ``reference_colour`` fills the interior of the reference with the
+median colour of real mouth interiors (teeth, tongue and cavity together, measured on the training
+crops' open mouths), so that it paints an open mouth where the mask is (engine/generator.py).
 """
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ class InteriorConfig:
     dilate: float = 0.008  # crop units the inner-lip polygon grows by (covers the inner lip edge)
     feather: float = 0.006  # crop units: Gaussian sigma of the mask's edge
     min_opening: float = 0.003  # crop units: a mouth opened less than this takes nothing from the generator
+    # RGB the denoiser's reference shows inside the interior (None: the warped portrait's stretched lips); the median
+    # of 1254 open training mouths (out/full512, inner-lip polygon, opening > 0.02 crop units)
+    reference_colour: tuple[int, int, int] | None = (140, 98, 93)
 
 
 def mouth_opening(lm: np.ndarray) -> float:

@@ -97,6 +97,10 @@ class FrameGenerator:
         # the portrait's own mouth interior (teeth, cavity) where its mouth is open: kept, warped with the lips
         src_int = interior_mask(avatar.landmarks, avatar.crop_size_px, dataclasses.replace(interior, dilate=0.0))
         self.source_interior = src_int if src_int.any() else None
+        self.cavity_latent = None  # (1, C, s, s): a patch of the interior colour, encoded once (InteriorConfig.reference_colour)
+        if compositor == "native" and interior.reference_colour is not None and pixel_reference != "none":
+            side = patch_box(avatar.crop_size_px, self.region)[2]
+            self.cavity_latent = encode_patch(runtime, np.full((side, side, 3), interior.reference_colour, np.uint8)).numpy()
         self.avatar_mask = avatar.mask()  # (P, P)
         self.avatar_patch = avatar.patch().astype(np.float32)  # (P, P, 3)
         self.blinks = BlinkSampler(bundle.blink_prior, bundle.fps, seed) if blinks else None
@@ -163,10 +167,15 @@ class FrameGenerator:
             # frame's landmarks say) and encoded, so that what it paints lines up with the interior mask
             mx, my = self.pixel_warp.crop_maps(from_patch_units(lm_all[0].numpy()), s)
             warped_crop = cv2.remap(av.crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            if self.interior.reference_colour is not None:  # the interior shows a mouth's colour, not stretched lips
+                m = interior_mask(from_patch_units(lm_all[0].numpy()), s, self.interior)[..., None]
+                warped_crop = (warped_crop * (1 - m) + np.asarray(self.interior.reference_colour, np.float32) * m).astype(np.uint8)
             reference = encode_patch(self.runtime, extract_patch(warped_crop, self.region)).numpy()
         elif self.pixel_warp is not None and self.pixel_reference == "latent":
             # the same: the pixel flow applied to the portrait's latent at its own resolution (no encoder run)
             reference = self._latent_reference(from_patch_units(lm_all[0].numpy()))
+        if self.cavity_latent is not None and self.pixel_reference == "latent":
+            reference = self._with_cavity(reference, from_patch_units(lm_all[0].numpy()))
         else:  # the latent warp, in the region's units
             reference = self.g_warp.infer({"x": av.latent.numpy(), "src": self._region_units(self.ref_all[:, self.warp_idx]),
                                            "dst": self._region_units(lm_all[:, self.warp_idx])})["warped"]
@@ -187,6 +196,16 @@ class FrameGenerator:
         if self.region.name == "lower_face":
             return lm.numpy()
         return to_patch_units(from_patch_units(lm.numpy()), self.region).astype(np.float32)
+
+    def _with_cavity(self, reference: np.ndarray, lm_crop: np.ndarray) -> np.ndarray:
+        """The reference latent with the target interior (pooled to latent cells) taken from the cavity latent."""
+        x0p, y0p, side = patch_box(self.avatar.crop_size_px, self.region)
+        m = interior_mask(lm_crop, self.avatar.crop_size_px, self.interior)[y0p : y0p + side, x0p : x0p + side]
+        if not m.any():
+            return reference
+        n = reference.shape[-1]
+        m = cv2.resize(m, (n, n), interpolation=cv2.INTER_AREA)[None, None]
+        return (reference * (1.0 - m) + self.cavity_latent * m).astype(np.float32)
 
     def _latent_reference(self, lm_crop: np.ndarray) -> np.ndarray:
         """The portrait's latent (1, C, s, s) moved by the pixel flow: the crop-space maps sampled at each

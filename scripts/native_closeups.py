@@ -3,6 +3,8 @@
     python scripts/native_closeups.py --out docs/eval/native [--old-bundle DIR]
     python scripts/native_closeups.py --out docs/eval/mouth --row "patch (first)=engine/bundles/lower_face:patch" \
         --row "native, lower_face=runs/lower_face_bundle:native" --row "native, mouth (new)=engine/bundles/default:native"
+    python scripts/native_closeups.py --out docs/eval/linear_a2l --row "GRU A2L, lip reference=runs/gru_bundle:native+plain" \
+        --row "linear A2L, mouth-colour reference=engine/bundles/default:native"
 
 For each portrait (hallo 1 at 1280 px and the demo astronaut, neither ever trained on) driven by
 a real voice: the same frames rendered by the patch compositor (the first bundle's way: the whole
@@ -57,6 +59,7 @@ def main() -> None:
     from engine.bundle import load_bundle
     from engine.eval.articulation import opening_from_landmarks
     from engine.face.align import invert_transform
+    from engine.compositor import InteriorConfig
     from engine.face.pixel_warp import PixelWarpConfig
     from engine.face.region import from_patch_units
     from engine.generator import FrameGenerator
@@ -70,8 +73,9 @@ def main() -> None:
         for spec in a.row:
             label, _, rest = spec.partition("=")
             bundle, _, comp = rest.rpartition(":")
-            if not label or not bundle or comp not in ("patch", "native", "native-cubic", "native-linear"):
-                raise SystemExit(f"--row {spec!r}: expected LABEL=BUNDLE:patch|native|native-cubic|native-linear")
+            if not label or not bundle or comp.removesuffix("+plain") not in ("patch", "native", "native-cubic", "native-linear"):
+                raise SystemExit(f"--row {spec!r}: expected LABEL=BUNDLE:patch|native|native-cubic|native-linear[+plain] "
+                                 "(+plain: the denoiser's reference keeps the warp's stretched lips inside the interior)")
             rows_spec.append((label, bundle, comp))
     runs = {label: load_bundle(b) for label, b, _ in rows_spec}
     comps = {label: c for label, _, c in rows_spec}
@@ -84,8 +88,10 @@ def main() -> None:
         frames, rep = {}, {"portrait": portrait, "audio": audio, "frames": n, "image_px": list(img.shape[:2])}
         for kind, rt in rts.items():
             av = prepare_avatar(img, rt, crop_size_px=runs[kind].crop_size_px)
-            g = FrameGenerator(rt, av, seed=0, blinks=False, compositor=comps[kind].split("-")[0],
-                               pixel_warp=PixelWarpConfig(cubic={"native-cubic": True, "native-linear": False}.get(comps[kind])))
+            comp = comps[kind].removesuffix("+plain")
+            interior = InteriorConfig(reference_colour=None) if comps[kind].endswith("+plain") else InteriorConfig()
+            g = FrameGenerator(rt, av, seed=0, blinks=False, compositor=comp.split("-")[0], interior=interior,
+                               pixel_warp=PixelWarpConfig(cubic={"native-cubic": True, "native-linear": False}.get(comp)))
             feats = g.audio_features(wave, n)
             lms = g.landmarks(feats)
             t0 = time.perf_counter()

@@ -89,3 +89,36 @@ def test_masks_computed_in_a_window_equal_the_whole_square():
     edge = np.array([[0, 0], [40, 2], [35, 30], [2, 25]], np.float32)
     np.testing.assert_allclose(grow_and_feather(edge, 128, dilate_px=4, sigma_px=3.0),
                                grow_and_feather(edge, 128, dilate_px=4, sigma_px=3.0, window=False), atol=1e-5)
+
+
+def test_the_denoisers_reference_shows_a_mouths_colour_inside_the_interior(mouth_runtime):
+    """InteriorConfig.reference_colour: inside the target interior the reference latent is the encoded
+    interior colour, outside it is the portrait's warped latent; None leaves the warped latent alone."""
+    import dataclasses
+
+    from engine.compositor import InteriorConfig, interior_mask
+
+    av = prepare_avatar(load_portrait(DEMO / "astronaut.jpg"), mouth_runtime)
+    gen = FrameGenerator(mouth_runtime, av, steps=1, blinks=False, compositor="native")
+    plain = FrameGenerator(mouth_runtime, av, steps=1, blinks=False, compositor="native",
+                           interior=dataclasses.replace(InteriorConfig(), reference_colour=None))
+    assert gen.cavity_latent is not None and gen.cavity_latent.shape == tuple(av.latent.shape) and plain.cavity_latent is None
+    lm = gen.ref_all[0].clone()
+    lower = np.isin(np.arange(478), index_sets()["lips"]) & (lm[:, 1].numpy() > lm[13, 1].item())
+    lm[torch.from_numpy(lower), 1] += 0.06
+    lm_crop = from_patch_units(lm.numpy())
+    warped = plain._latent_reference(lm_crop)
+    filled = gen._with_cavity(warped, lm_crop)
+    x0, y0, side = patch_box(512, MOUTH)
+    m = interior_mask(lm_crop, 512, gen.interior)[y0 : y0 + side, x0 : x0 + side]
+    cells = m.reshape(32, 4, 32, 4).mean(axis=(1, 3))  # the mask pooled to latent cells
+    inside, outside = cells > 0.999, cells == 0
+    assert inside.any() and outside.any()
+    np.testing.assert_allclose(filled[0][:, inside], gen.cavity_latent[0][:, inside], atol=2e-3)  # the mask is 1 - 1e-3 there
+    np.testing.assert_array_equal(filled[0][:, outside], warped[0][:, outside])
+    from engine.face.geometry import OPENING_PAIRS
+
+    closed = from_patch_units(gen.ref_all[0].numpy())
+    for u, l in OPENING_PAIRS:
+        closed[l, 1] = closed[u, 1]
+    assert gen._with_cavity(warped, closed) is warped  # a closed mouth: nothing to fill
