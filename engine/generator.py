@@ -225,8 +225,8 @@ class FrameGenerator:
         return np.ascontiguousarray(out.transpose(2, 0, 1)[None], dtype=np.float32)
 
     def compose(self, x0: torch.Tensor, px_mask: np.ndarray, lm_crop: np.ndarray) -> np.ndarray:
-        """The second half of ``frame``: decode, colour-match, paste into the portrait (the native
-        path: warp the portrait, paste only the mouth interior), blink, sway."""
+        """The second half of ``frame``: decode, paste into the portrait (the native path: warp the
+        portrait, paste only the mouth interior; the patch path: colour-match, paste the patch), blink, sway."""
         av = self.avatar
         s = av.crop_size_px
         base = None
@@ -245,7 +245,10 @@ class FrameGenerator:
         img = self.g_dec.infer({"z": x0.numpy().astype(np.float32)})["image"][0]  # (3, P, P) in about [-1, 1]
         patch = (np.clip(img, -1, 1) + 1) * 127.5
         if base is not None:
-            patch = self._match_colour_ring(patch.transpose(1, 2, 0), interior, lm_crop)
+            # no colour match: only the interior is pasted, and what surrounds it in the decoded patch (lips) does not
+            # line up with the warped portrait's lips, so a ring there measures misplaced lips, not the decoder's drift
+            # (a ring match here never found a pixel at 512 px crops; made to, it turned a painted portrait's teeth greener)
+            patch = np.clip(np.round(patch.transpose(1, 2, 0)), 0, 255).astype(np.uint8)
         else:
             patch = self._match_colour(patch.transpose(1, 2, 0), px_mask)
         x0p, y0p, side = patch_box(s, self.region)
@@ -295,28 +298,6 @@ class FrameGenerator:
         rim[px_mask.shape[0] // 2 :] = False
         if rim.sum() >= 32:
             patch = patch - np.median(patch[rim] - ref[rim], axis=0)[None, None, :]
-        return np.clip(np.round(patch), 0, 255).astype(np.uint8)
-
-    def _match_colour_ring(self, patch: np.ndarray, interior: np.ndarray, lm_crop: np.ndarray, max_shift: float = 25.0) -> np.ndarray:
-        """The native path's colour match: only the mouth interior is pasted, so the generated patch is
-        matched to the warped portrait on a thin ring just outside the interior (the inner edges of the
-        lips, where both show the same lips): the median difference per channel, at most ``max_shift``
-        grey levels. (The whole-patch rim of ``_match_colour`` measures skin far from the interior and,
-        on a painted portrait, tinted the teeth.)"""
-        s = self.avatar.crop_size_px
-        x0p, y0p, side = patch_box(s, self.region)
-        box = interior[y0p : y0p + side, x0p : x0p + side]
-        inner = (box > 0.5).astype(np.uint8)
-        if inner.sum() >= 8:
-            k = max(2, int(round(side / 32)))
-            ring = (cv2.dilate(inner, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))) > 0) & (box <= 0)
-            if ring.sum() >= 16:
-                mx, my = self.pixel_warp.crop_maps(lm_crop, s)
-                warped = cv2.remap(self.avatar.crop, np.ascontiguousarray(mx[y0p : y0p + side, x0p : x0p + side]),
-                                   np.ascontiguousarray(my[y0p : y0p + side, x0p : x0p + side]), cv2.INTER_LINEAR,
-                                   borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
-                shift = np.clip(np.median(patch[ring] - warped[ring], axis=0), -max_shift, max_shift)
-                patch = patch - shift[None, None, :]
         return np.clip(np.round(patch), 0, 255).astype(np.uint8)
 
     def reset(self) -> None:

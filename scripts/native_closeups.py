@@ -44,6 +44,20 @@ def sharpness_native(img: np.ndarray, lower: tuple, upper: tuple) -> float:
     return float(lo / max(up, 1e-6))
 
 
+def _labelled(rows: list[np.ndarray], labels: tuple[str, ...]) -> np.ndarray:
+    """The rows stacked, each label in a white margin on the left (never over the pixels: a small
+    portrait's mouth box is only ~40 px tall)."""
+    h = rows[0].shape[0]
+    scale = float(np.clip(h / 60.0, 0.35, 0.7))
+    width = max(cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for t in labels) + 12
+    out = []
+    for row, label in zip(rows, labels):
+        margin = np.full((h, width, 3), 255, np.uint8)
+        cv2.putText(margin, label, (6, h // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        out.append(np.concatenate([margin, row], axis=1))
+    return np.concatenate(out, axis=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/eval/native")
@@ -116,9 +130,7 @@ def main() -> None:
         pick = np.linspace(n * 0.1, n * 0.9, 6).astype(int)
         rows = [np.concatenate([img[y0:y1, x0:x1]] * len(pick), axis=1)]
         rows += [np.concatenate([frames[k][i][y0:y1, x0:x1] for i in pick], axis=1) for k in runs]
-        strip = np.concatenate(rows, axis=0)
-        for r, label in enumerate(("portrait", *runs)):
-            cv2.putText(strip, label, (6, r * (y1 - y0) + 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2, cv2.LINE_AA)
+        strip = _labelled(rows, ("portrait", *runs))
         cv2.imwrite(str(out / f"closeups_{name}.jpg"), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         report[name] = rep
         print(name, json.dumps(rep))
