@@ -113,6 +113,8 @@ class AvatarAsset:
     check_crop: np.ndarray  # (S, S, 3) uint8 its composited crop
     art_basis: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (k, K*2) principal displacements (empty: none)
     art_basis_mean: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (K*2,) their mean
+    a2l_reference: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # (K, 2) the A2L's reference and
+    # the displacements' origin where it is not the portrait's own moving landmarks (Articulation's close_reference; empty: theirs)
     region_box: np.ndarray = field(default_factory=lambda: np.array([0.25, 0.4375, 0.5], np.float32))  # the generated region
     # (x0, y0, side) in crop units (engine.face.region: the bundle's; landmarks above are in lower_face units)
 
@@ -197,7 +199,8 @@ class FramePath:
         self.k0 = t((np.arange(b) * session_offset) % self.n_frames, torch.long)  # (B,) each session's first frame
         # landmarks
         ref = t(asset.ref_landmarks)  # (478, 2)
-        self.ref_moving = ref[t(asset.moving, torch.long)][None].expand(b, -1, -1).contiguous()  # (B, K, 2)
+        a2l_ref = t(asset.a2l_reference) if len(asset.a2l_reference) else ref[t(asset.moving, torch.long)]  # (K, 2)
+        self.ref_moving = a2l_ref[None].expand(b, -1, -1).contiguous()  # (B, K, 2) the A2L's reference, the displacements' origin
         self.ref_warp = ref[t(asset.warp_idx, torch.long)][None].expand(b, -1, -1).contiguous()  # (B, Nw, 2)
         pos = {int(i): j for j, i in enumerate(asset.moving)}
         w_pos = [j for j, i in enumerate(asset.warp_idx) if int(i) in pos]

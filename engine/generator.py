@@ -82,6 +82,8 @@ class FrameGenerator:
                 raise ValueError(f"articulation gain must be in (0, 4], got {articulation_gain}")
             art = dataclasses.replace(art, gain=float(articulation_gain))
         self.articulation = Articulation(art, self.moving, self.ref_moving[0].numpy())
+        # the A2L's reference: the portrait's moving landmarks, or its mouth closed (ArticulationConfig.close_reference)
+        self.a2l_reference = torch.from_numpy(self.articulation.reference)[None]  # (1, K, 2)
         g = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(avatar.latent.shape, generator=g)  # one noise for every frame: temporally stable
         self.warp_idx = warp_indices()
@@ -126,7 +128,7 @@ class FrameGenerator:
         """(F, D) features -> (F, K, 2) moving landmarks in patch units (continues the A2L state)."""
         c = self.a2l_cfg
         state = self.a2l_state if self.a2l_state is not None else np.zeros((c.layers, 1, c.hidden), np.float32)
-        out = self.g_a2l.infer({"audio": feats.numpy()[None].astype(np.float32), "reference": self.ref_moving.numpy(), "state": state})
+        out = self.g_a2l.infer({"audio": feats.numpy()[None].astype(np.float32), "reference": self.a2l_reference.numpy(), "state": state})
         self.a2l_state = out["state_out"]
         return torch.from_numpy(self.articulation(out["landmarks"][0]))  # (F, K, 2)
 

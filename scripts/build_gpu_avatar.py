@@ -59,6 +59,7 @@ def build(out: Path, *, seconds: float) -> AvatarAsset:
         art_corners=(art.corners if art.corners is not None else np.zeros(0)).astype(np.int64),
         art_basis=(art.basis if art.basis is not None else np.zeros((0, 0))).astype(np.float32),
         art_basis_mean=(art.basis_mean if art.basis_mean is not None else np.zeros(0)).astype(np.float32),
+        a2l_reference=gen.a2l_reference[0].numpy().astype(np.float32),
         region_box=np.array([avatar.region.x0, avatar.region.y0, avatar.region.size], np.float32),
         bundle_manifest_sha256=manifest_sha256(), check_frames=CHECK_FRAMES, check_lm=np.zeros((1, 2), np.float32),
         check_x0=np.zeros(1, np.float32), check_crop=np.zeros((1, 1, 3), np.uint8))

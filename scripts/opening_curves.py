@@ -8,7 +8,8 @@ For every held-out talking segment of ``--data`` (engine/data/splits.json), the 
 + articulation layer driven by the segment's own audio, the portrait being the segment's last
 frame (as `avatar eval` does). No rendering: the motion a renderer is given. Writes
 ``opening_curves.png`` (one panel a clip) and ``opening_curves.json`` (per clip and bundle:
-correlation with the truth, spread and speed ratios).
+correlation with the truth, spread and speed ratios, the mean offset (> 0: kept too open) and the
+mean absolute error of the opening).
 """
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
             idx = np.asarray(a2l.config.landmark_indices)
             i13, i14 = int(np.where(idx == 13)[0][0]), int(np.where(idx == 14)[0][0])
             mel, lm, ref = make_sample(store, seg, 0, s.length, s.length - 1, enc.config, idx)
+            layer = Articulation(art, idx, ref)  # its reference: the portrait's, or its mouth closed (close_reference)
             with torch.no_grad():
-                pred = a2l(enc(torch.from_numpy(mel)[None]), torch.from_numpy(ref)[None])[0][0].numpy()
-            pred = Articulation(art, idx, ref)(pred)
+                pred = a2l(enc(torch.from_numpy(mel)[None]), torch.from_numpy(layer.reference)[None])[0][0].numpy()
+            pred = layer(pred)
             curves.setdefault("ground truth", (lm[:, i14, 1] - lm[:, i13, 1]) * scale)
             curves[name] = (pred[:, i14, 1] - pred[:, i13, 1]) * scale
         gt = curves["ground truth"]
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             row[name] = {"correlation": round(float(np.corrcoef(c, gt)[0, 1]) if c.std() > 0 else 0.0, 3),
                          "spread_ratio": round(float(c.std() / max(gt.std(), 1e-9)), 3),
-                         "speed_ratio": round(float(np.abs(np.diff(c)).mean() / max(np.abs(np.diff(gt)).mean(), 1e-9)), 3)}
+                         "speed_ratio": round(float(np.abs(np.diff(c)).mean() / max(np.abs(np.diff(gt)).mean(), 1e-9)), 3),
+                         "mean_offset_px": round(float(c.mean() - gt.mean()), 2),  # > 0: kept too open on average
+                         "abs_error_px": round(float(np.abs(c - gt).mean()), 2)}
         report["clips"][s.name] = row
         for name, c in curves.items():
             ax.plot(t, c, lw=2.0 if name == "ground truth" else 1.2, color="black" if name == "ground truth" else None,
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "opening_curves.png", dpi=80)
-    report["mean"] = {name: {k: round(float(np.mean([r[name][k] for r in report["clips"].values()])), 3) for k in ("correlation", "spread_ratio", "speed_ratio")}
+    report["mean"] = {name: {k: round(float(np.mean([r[name][k] for r in report["clips"].values()])), 3) for k in ("correlation", "spread_ratio", "speed_ratio", "mean_offset_px", "abs_error_px")}
                       for name in bundles}
     (out / "opening_curves.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["mean"]))

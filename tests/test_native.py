@@ -3,6 +3,8 @@ compositor, articulation layer, replayed head motion, articulation metrics. No s
 the landmarks are the canonical template's, the image a synthetic texture."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -133,6 +135,31 @@ def test_articulation_layer_gain_crossing_and_clamp() -> None:
     width = np.linalg.norm(out[2, pos[291]] - out[2, pos[61]])
     ups, los = [pos[u] for u, _ in OPENING_PAIRS], [pos[l] for _, l in OPENING_PAIRS]
     assert (out[2, los, 1] - out[2, ups, 1]).mean() <= 0.6 * width + 1e-5
+
+
+def test_articulation_closes_an_open_portraits_mouth_along_the_basis() -> None:
+    idx = moving_indices()
+    pos = {int(i): k for k, i in enumerate(idx)}
+    closed = template()[idx, :2].astype(np.float32)
+    ups, los = [pos[u] for u, _ in OPENING_PAIRS], [pos[l] for _, l in OPENING_PAIRS]
+    closed[los, 1] = closed[ups, 1]  # the lips meet
+    jaw = np.zeros_like(closed)
+    jaw[los, 1] = 1.0  # a motion that opens the mouth: the lower inner lip down
+    side = np.zeros_like(closed)
+    side[pos[61], 0], side[pos[291], 0] = -1.0, 1.0  # one that does not: the corners apart
+    basis = np.stack([jaw.ravel() / np.linalg.norm(jaw), side.ravel() / np.linalg.norm(side)])
+    open_ref = closed + 0.03 * jaw + 0.02 * side  # a smile, mouth open
+    cfg = ArticulationConfig(gain=1.0, max_opening_ratio=0.0, basis=tuple(map(tuple, basis)),
+                             basis_mean=tuple(np.zeros(basis.shape[1])), close_reference=True)
+    art = Articulation(cfg, idx, open_ref)
+    assert art.opening(open_ref) == pytest.approx(0.03, abs=1e-6)
+    assert art.opening(art.reference) == pytest.approx(0.0, abs=1e-6)  # closed ...
+    assert np.allclose(art.reference, closed + 0.02 * side, atol=1e-6)  # ... by the opening motion alone: the smile's width stays
+    assert np.array_equal(art.portrait, open_ref)
+    assert np.allclose(art(art.reference[None])[0], art.reference, atol=1e-6)  # displacements start from the closed mouth
+    shut = Articulation(cfg, idx, closed)
+    assert np.array_equal(shut.reference, closed)  # a closed mouth is left as it is
+    assert np.array_equal(Articulation(replace(cfg, close_reference=False), idx, open_ref).reference, open_ref)
 
 
 def _library(seed: int = 0) -> HeadMotionLibrary:

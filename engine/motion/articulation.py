@@ -13,6 +13,13 @@ invisible on a landmark plot, tear the portrait's pixels along the lips and the 
 warp follows them exactly. A real mouth moves in a few coordinated ways.
 It only runs on speech frames (the pipeline shows the portrait in silence), so it is voice-gated.
 Saved in a bundle as ``articulation.json``; ``gain`` 1 turns it off.
+
+``close_reference``: a portrait whose mouth is open (a smile with teeth, a photo taken mid-word)
+is first closed on its landmarks, along the same principal motions (the smallest combination of
+them that brings the mean inner-lip opening to zero), and the A2L's displacements start from that
+closed mouth. An A2L driven by the open mouth only partly learns to close it and keeps speech too
+open. The portrait's pixels still start from its own landmarks: the pixel warp moves them to
+the closed-based targets.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ class ArticulationConfig:
     calibrated_on: str = ""  # what the gain was fitted on (provenance)
     basis: tuple = ()  # (k, K*2) orthonormal rows: the principal displacements of the moving landmarks (patch units); () = none
     basis_mean: tuple = ()  # (K*2,) mean displacement the basis is centred on
+    close_reference: bool = False  # displacements start from the portrait's mouth closed along the basis (needs one)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -57,6 +65,26 @@ class Articulation:
         self.basis_mean = np.asarray(config.basis_mean, np.float32) if len(config.basis_mean) else None
         if self.basis is not None and self.basis.shape[1] != 2 * len(indices):
             raise ValueError(f"articulation basis has {self.basis.shape[1]} columns for {len(indices)} landmarks")
+        self.portrait = self.reference  # the portrait's own moving landmarks
+        if config.close_reference and self.basis is not None:
+            self.reference = self.closed(self.reference)  # the origin of the displacements, and the A2L's reference
+
+    def opening(self, lm: np.ndarray) -> np.ndarray:
+        """Mean inner-lip opening (lower y - upper y) of (..., K, 2) landmarks, in their units."""
+        return (lm[..., self.lo, 1] - lm[..., self.up, 1]).mean(axis=-1)
+
+    def closed(self, reference: np.ndarray) -> np.ndarray:
+        """(K, 2) landmarks with the mouth closed along the basis: the smallest combination c of its rows
+        (minimum norm) that brings the mean inner-lip opening to zero; a closed mouth is returned as it is."""
+        k = len(self.basis)
+        opening = float(self.opening(reference))
+        if opening <= 0.0:
+            return reference
+        g = self.opening(self.basis.reshape(k, -1, 2))  # (k,) how much each principal motion opens the mouth
+        if float(g @ g) < 1e-12:
+            return reference
+        c = -opening * g / float(g @ g)
+        return (reference + (c @ self.basis).reshape(reference.shape)).astype(np.float32)
 
     def __call__(self, lm: np.ndarray) -> np.ndarray:
         cfg = self.config
