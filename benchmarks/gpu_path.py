@@ -23,7 +23,9 @@ on the device, as ``engine/generator.py`` does with the "patch" compositor:
 Differences from the generator, all on the CPU side there: the pixel mask is fixed (the union of
 the per-frame masks over the asset's clip, computed when the asset was built; the generator
 rasterises one per frame with OpenCV), and the paste of the crop back into the full portrait,
-blinks and head motion are not part of it (the native compositor's pixel warp neither).
+blinks and head motion are not part of it (the native compositor's pixel warp neither), nor is the
+session centring of the A2L's features (engine/motion/feature_centre.py: a running mean of 64
+numbers and one subtraction a frame, on the CPU in the engine).
 """
 from __future__ import annotations
 

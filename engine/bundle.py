@@ -91,6 +91,14 @@ class Bundle:
         return ArticulationConfig.load(f) if f.is_file() else ArticulationConfig()
 
     @property
+    def a2l_centre(self):
+        """The session centring of the A2L's features (a2l_centre.json), else None (off)."""
+        from engine.motion.feature_centre import FeatureCentreConfig
+
+        f = self.path / "a2l_centre.json"
+        return FeatureCentreConfig.load(f) if f.is_file() else None
+
+    @property
     def head_motion(self):
         """The bundle's library of real head motion (head_motion.json), else None (procedural sway)."""
         from engine.motion.head import HeadMotionLibrary

@@ -20,6 +20,7 @@ from engine.face.pixel_warp import PixelWarpConfig, PortraitWarp
 from engine.face.region import extract_patch, from_patch_units, patch_box, patch_mask, pool_mask, to_patch_units, warp_indices
 from engine.models.denoiser import latent_mask
 from engine.motion.articulation import Articulation
+from engine.motion.feature_centre import FeatureCentre
 from engine.motion.blink import BlinkSampler, close_eyes
 from engine.motion.head import HeadMotion
 from engine.motion.sway import HeadSway
@@ -82,6 +83,8 @@ class FrameGenerator:
                 raise ValueError(f"articulation gain must be in (0, 4], got {articulation_gain}")
             art = dataclasses.replace(art, gain=float(articulation_gain))
         self.articulation = Articulation(art, self.moving, self.ref_moving[0].numpy())
+        centre = bundle.a2l_centre  # the A2L's features centred on the session's voice (engine/motion/feature_centre.py)
+        self.feature_centre = FeatureCentre(centre) if centre is not None and centre.strength > 0 else None
         # the A2L's reference: the portrait's moving landmarks, or its mouth closed (ArticulationConfig.close_reference)
         self.a2l_reference = torch.from_numpy(self.articulation.reference)[None]  # (1, K, 2)
         g = torch.Generator().manual_seed(seed)
@@ -124,11 +127,14 @@ class FrameGenerator:
         feats = self.g_audio.infer({"mel_windows": mel[win].astype(np.float32)[None]})["features"]  # (1, F, D)
         return torch.from_numpy(feats[0])
 
-    def landmarks(self, feats: torch.Tensor) -> torch.Tensor:
-        """(F, D) features -> (F, K, 2) moving landmarks in patch units (continues the A2L state)."""
+    def landmarks(self, feats: torch.Tensor, *, speech: bool = True) -> torch.Tensor:
+        """(F, D) features -> (F, K, 2) moving landmarks in patch units (continues the A2L state and the
+        feature centre's running mean: frames in order; ``speech`` False: silent frames, which do not
+        move that mean)."""
         c = self.a2l_cfg
         state = self.a2l_state if self.a2l_state is not None else np.zeros((c.layers, 1, c.hidden), np.float32)
-        out = self.g_a2l.infer({"audio": feats.numpy()[None].astype(np.float32), "reference": self.a2l_reference.numpy(), "state": state})
+        a2l_in = feats.numpy() if self.feature_centre is None else self.feature_centre(feats.numpy(), listen=speech)
+        out = self.g_a2l.infer({"audio": a2l_in[None].astype(np.float32), "reference": self.a2l_reference.numpy(), "state": state})
         self.a2l_state = out["state_out"]
         return torch.from_numpy(self.articulation(out["landmarks"][0]))  # (F, K, 2)
 

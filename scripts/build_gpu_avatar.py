@@ -36,6 +36,7 @@ def build(out: Path, *, seconds: float) -> AvatarAsset:
     bundle = rt.bundle
     avatar = prepare_avatar(load_portrait(DEMO / "astronaut.jpg"), rt)
     gen = FrameGenerator(rt, avatar, compositor="patch", blinks=False)
+    gen.feature_centre = None  # the torch path leaves out the session centring of the A2L's features (gpu_path's docstring)
     wave = decode_audio(DEMO / "demo_voice.wav")
     n = int(seconds * bundle.fps)
     mel = log_mel(wave[: int(seconds * 16000) + 1600])  # 100 ms more: the last frames' windows and lookahead

@@ -5,7 +5,8 @@ head motion, and optionally a retrained A2L (re-exported to ONNX and checked aga
 
 Writes into the bundle: ``articulation.json`` (engine/motion/articulation.py, fitted on the
 training clips with the bundle's A2L), ``head_motion.json`` (engine/motion/head.py, from the
-training talking clips), with ``--a2l`` the run's ``a2l.{json,pt}`` and a new ``a2l.onnx``; a
+training talking clips), with ``--a2l`` the run's ``a2l.{json,pt}`` (and its ``a2l_centre.json``
+where it has one) and a new ``a2l.onnx``; a
 section of the data card; then the manifest again (every file's sha256).
 """
 from __future__ import annotations
@@ -40,6 +41,10 @@ def main() -> None:
         run = Path(a.a2l)
         for ext in (".json", ".pt"):
             shutil.copyfile(run / f"a2l{ext}", d / f"a2l{ext}")
+        if (run / "a2l_centre.json").is_file():  # a linear readout's session feature centring (engine/motion/feature_centre.py)
+            shutil.copyfile(run / "a2l_centre.json", d / "a2l_centre.json")
+        elif (d / "a2l_centre.json").is_file():  # the previous A2L's: not this one's
+            (d / "a2l_centre.json").unlink()
         if "a2l" in manifest.get("graphs", {}):
             from export.onnx import export_model
             from export.specs import spec_by_name

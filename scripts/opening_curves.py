@@ -5,7 +5,7 @@
 
 For every held-out talking segment of ``--data`` (engine/data/splits.json), the inner-lip opening
 (landmarks 13-14, pixels of a 256 px crop) of ground truth and of each bundle's audio encoder + A2L
-+ articulation layer driven by the segment's own audio, the portrait being the segment's last
++ articulation layer (and the bundle's feature centring) driven by the segment's own audio, the portrait being the segment's last
 frame (as `avatar eval` does). No rendering: the motion a renderer is given. Writes
 ``opening_curves.png`` (one panel a clip) and ``opening_curves.json`` (per clip and bundle:
 correlation with the truth, spread and speed ratios, the mean offset (> 0: kept too open) and the
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from engine.models.audio_encoder import AudioEncoder, AudioEncoderConfig
     from engine.models.io import load_model
     from engine.motion.articulation import Articulation, ArticulationConfig
+    from engine.motion.feature_centre import FeatureCentre
     from engine.training.a2l import make_sample
     from engine.training.data import FrameStore
 
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
         name, _, path = spec.partition("=")
         d = load_bundle(path).path
         bundles[name] = (load_model(AudioEncoder, AudioEncoderConfig, d / "audio_encoder").eval(), load_model(AudioToLandmarks, A2LConfig, d / "a2l").eval(),
-                         ArticulationConfig.load(d / "articulation.json") if (d / "articulation.json").is_file() else ArticulationConfig())
+                         ArticulationConfig.load(d / "articulation.json") if (d / "articulation.json").is_file() else ArticulationConfig(),
+                         load_bundle(path).a2l_centre)
     store = FrameStore(a.data, split="eval", with_patches=False)
     segs = store.audio_segments()
     scale = 128.0  # patch units -> pixels of a 256 px crop (the patch is half the crop)
@@ -56,13 +58,16 @@ def main(argv: list[str] | None = None) -> dict:
         s = store.segments[seg]
         t = s.time_s
         curves, row = {}, {}
-        for name, (enc, a2l, art) in bundles.items():
+        for name, (enc, a2l, art, centre) in bundles.items():
             idx = np.asarray(a2l.config.landmark_indices)
             i13, i14 = int(np.where(idx == 13)[0][0]), int(np.where(idx == 14)[0][0])
             mel, lm, ref = make_sample(store, seg, 0, s.length, s.length - 1, enc.config, idx)
             layer = Articulation(art, idx, ref)  # its reference: the portrait's, or its mouth closed (close_reference)
             with torch.no_grad():
-                pred = a2l(enc(torch.from_numpy(mel)[None]), torch.from_numpy(layer.reference)[None])[0][0].numpy()
+                feats = enc(torch.from_numpy(mel)[None])[0].numpy()
+                if centre is not None and centre.strength > 0:  # the session's voice centred (a segment is a session)
+                    feats = FeatureCentre(centre)(feats)
+                pred = a2l(torch.from_numpy(feats)[None], torch.from_numpy(layer.reference)[None])[0][0].numpy()
             pred = layer(pred)
             curves.setdefault("ground truth", (lm[:, i14, 1] - lm[:, i13, 1]) * scale)
             curves[name] = (pred[:, i14, 1] - pred[:, i13, 1]) * scale

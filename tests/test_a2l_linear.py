@@ -14,6 +14,8 @@ from engine.face.region import moving_indices
 from engine.models.a2l import A2LConfig, AudioToLandmarks
 from engine.models.io import load_model
 from engine.training.a2l import opening_columns
+from engine.motion.feature_centre import FeatureCentre, FeatureCentreConfig
+from engine.training.a2l_centre import choose_centre
 from engine.training.a2l_linear import Ridge, cross_validate, design, fit_linear_a2l, spread_gain, with_audio_gain
 from tests.tiny import A2L
 
@@ -96,6 +98,16 @@ def _synthetic(rng, w_true, b_true, n_ids=6, noise=0.0):
     return out
 
 
+def _feature_0_opens() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The opening columns and a map (8 features + the reference -> displacement) where feature 0 alone opens the mouth."""
+    idx = moving_indices()
+    up, lo = opening_columns(idx)
+    k2 = 2 * len(idx)
+    w_true = np.zeros((8 + k2, k2))
+    w_true[0, 2 * lo + 1] = 0.01
+    return up, lo, w_true
+
+
 def test_ridge_recovers_a_known_map():
     rng = np.random.default_rng(0)
     k2 = 2 * len(moving_indices())
@@ -111,12 +123,8 @@ def test_ridge_recovers_a_known_map():
 
 def test_cross_validation_prefers_the_strength_that_generalises():
     rng = np.random.default_rng(1)
-    idx = moving_indices()
-    up, lo = opening_columns(idx)
-    k2 = 2 * len(idx)
-    w_true = np.zeros((8 + k2, k2))
-    w_true[0, 2 * lo + 1] = 0.01  # feature 0 opens the mouth
-    ex = _synthetic(rng, w_true, np.zeros(k2), noise=0.002)
+    up, lo, w_true = _feature_0_opens()
+    ex = _synthetic(rng, w_true, np.zeros(w_true.shape[1]), noise=0.002)
     cv = cross_validate(ex, (1e-4, 1e3), 3, up, lo, 8, reference_strengths=(0.01,), smoothings=(1.0, 0.5))
     assert set(cv) == {(1e-4, 0.01, 1.0), (1e3, 0.01, 1.0), (1e-4, 0.01, 0.5), (1e3, 0.01, 0.5)}
     weak, strong = cv[(1e-4, 0.01, 1.0)], cv[(1e3, 0.01, 1.0)]
@@ -135,6 +143,51 @@ def test_cross_validation_prefers_the_strength_that_generalises():
     np.testing.assert_allclose(dev(w2, b2), gain * dev(w, b), atol=1e-9)
 
 
+def test_feature_centre_is_a_causal_running_mean_that_learns_from_speech_only():
+    mean = np.array([1.0, -2.0])
+    cfg = FeatureCentreConfig(mean=tuple(mean), strength=1.0, prior_frames=2)
+    feats = np.array([[3.0, -2.0], [3.0, -2.0], [5.0, 0.0]])
+    out = FeatureCentre(cfg)(feats)
+    running = np.array([[5 / 3, -2.0], [2.0, -2.0], [13 / 5, -8 / 5]])  # (2 * mean + what was heard) / (2 + t)
+    np.testing.assert_allclose(out, feats - (running - mean), atol=1e-12)
+    c = FeatureCentre(cfg)  # frame by frame: the same (causal)
+    np.testing.assert_allclose(np.concatenate([c(feats[t : t + 1]) for t in range(3)]), out, atol=1e-12)
+    silent = c(np.array([[9.0, 9.0]]), listen=False)  # silence: centred by the mean so far, which it does not move
+    np.testing.assert_allclose(silent, np.array([[9.0, 9.0]]) - (running[-1] - mean), atol=1e-12)
+    np.testing.assert_allclose(c(np.array([[1.0, -2.0]])), np.array([[1.0, -2.0]]) - [(13 + 1) / 6 - 1, (-8 - 2) / 6 + 2], atol=1e-12)
+    c.reset()
+    np.testing.assert_allclose(c(feats), out, atol=1e-12)
+    half = FeatureCentre(dataclasses.replace(cfg, strength=0.5))(feats)
+    np.testing.assert_allclose(half, feats - 0.5 * (running - mean), atol=1e-12)
+    np.testing.assert_array_equal(FeatureCentre(dataclasses.replace(cfg, strength=0.0))(feats), feats)
+    with pytest.raises(ValueError, match="strength"):
+        FeatureCentre(dataclasses.replace(cfg, strength=1.5))
+    with pytest.raises(ValueError, match="size 3"):
+        FeatureCentre(cfg)(np.zeros((1, 3)))
+
+
+@pytest.mark.parametrize("offset_moves_the_mouth", [False, True])
+def test_centre_strength_is_chosen_by_held_out_voices(offset_moves_the_mouth: bool):
+    """Each voice's features carry a constant offset. Where the mouth ignores it (a microphone's colour),
+    removing it is chosen; where the mouth follows it (a voice that opens wider throughout), keeping it is."""
+    rng = np.random.default_rng(3)
+    up, lo, w_true = _feature_0_opens()
+    k2 = w_true.shape[1]
+    ex = []
+    for i in range(8):
+        offset = np.zeros(8)
+        offset[0] = rng.choice([-1.5, 1.5]) + 0.3 * rng.standard_normal()
+        for _ in range(3):
+            clean = rng.standard_normal((60, 8))
+            e = {"feats": clean + offset, "reference": 0.5 + 0.05 * rng.standard_normal(k2), "identity": f"id{i}"}
+            e["target"] = design(e if offset_moves_the_mouth else dict(e, feats=clean)) @ w_true + 0.002 * rng.standard_normal((60, k2))
+            ex.append(e)
+    cfg = choose_centre(ex, up, lo, 8, audio_strength=0.01, reference_strength=0.01, smoothing=1.0, folds=4, prior_frames=5)
+    table = cfg.cross_validation["strengths"]
+    assert set(table) == {"0.0", "gain", "1.0"} and len(cfg.mean) == 8
+    assert cfg.strength == (0.0 if offset_moves_the_mouth else 1.0), table
+
+
 @pytest.mark.shared_data
 def test_fit_on_real_clips_follows_the_mouth(shared_data: Path, tmp_path: Path):
     from engine.data.prepare import PrepareConfig, prepare
@@ -148,6 +201,8 @@ def test_fit_on_real_clips_follows_the_mouth(shared_data: Path, tmp_path: Path):
     assert rep["training"]["identities"] == 3 and rep["audio_strength"] in (0.1, 1.0) and 1.0 <= rep["audio_gain"] <= 3.0
     assert rep["smoothing"] in (1.0, 0.5) and len(rep["identity_cv"]) == 4
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["held_out"]["p"]["segments"] == 1
+    centre = FeatureCentreConfig.load(tmp_path / "run" / "a2l_centre.json")  # its session centring, chosen the same way
+    assert len(centre.mean) == 64 and 0.0 <= centre.strength <= 1.0 and rep["feature_centre"]["chosen"] in ("0.0", "gain", "1.0")
     m = load_model(AudioToLandmarks, A2LConfig, tmp_path / "run" / "a2l")
     assert m.config.arch == "linear" and (tmp_path / "run" / "audio_encoder.pt").is_file()
     held = rep["held_out"]["p"]

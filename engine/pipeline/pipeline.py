@@ -575,7 +575,7 @@ class Pipeline:
             fe.end()
         t0 = time.perf_counter()
         f = fe.feature(k)
-        lm = self.gen.landmarks(torch.from_numpy(f[None]))[0]  # (K, 2)
+        lm = self.gen.landmarks(torch.from_numpy(f[None]), speech=speaking)[0]  # (K, 2)
         t1 = time.perf_counter()
         self.metrics.stage("features").observe(1000.0 * (t1 - t0))
         if drop:

@@ -180,11 +180,16 @@ def fit_linear_a2l(data_dirs: list[str], out_dir: str, *, audio_encoder: str, la
         a2l.readout.bias.copy_(torch.from_numpy(b.astype(np.float32)))
     save_model(a2l, out / "a2l")
     save_model(enc, out / "audio_encoder")
+    from engine.training.a2l_centre import choose_centre  # it refits this module's readout per fold
+
+    centre = choose_centre(examples, up, lo, d, audio_strength=lam, reference_strength=lam_ref, smoothing=smoothing, folds=folds, seed=seed)
+    centre.save(out / "a2l_centre.json")  # the session centring of its features (engine/motion/feature_centre.py)
     report = {"audio_strength": lam, "reference_strength": lam_ref, "smoothing": smoothing, "audio_gain": round(gain, 4),
               "references_per_segment": 1 + REFERENCES_PER_SEGMENT,
               "identity_cv": {f"audio {k[0]}, reference {k[1]}, smoothing {k[2]}": {m: round(v, 6 if m == "mse" else 4) for m, v in r.items()}
                               for k, r in cv.items()},
               "folds": folds,
+              "feature_centre": {"strength": centre.strength, **centre.cross_validation},
               "training": {"segments": len(segs), "frames": int(sum(len(store.segments[i].mel_index) for i in segs)),
                            "identities": len({e["identity"] for e in examples})},
               "held_out": {name: evaluate_a2l(enc, a2l, [dd]) for name, dd in _eval_groups(data_dirs)}}
