@@ -182,8 +182,8 @@ class FrameGenerator:
         elif self.pixel_warp is not None and self.pixel_reference == "latent":
             # the same: the pixel flow applied to the portrait's latent at its own resolution (no encoder run)
             reference = self._latent_reference(from_patch_units(lm_all[0].numpy()))
-        if self.cavity_latent is not None and self.pixel_reference == "latent":
-            reference = self._with_cavity(reference, from_patch_units(lm_all[0].numpy()))
+            if self.cavity_latent is not None:  # the interior shows a mouth's colour, not stretched lips
+                reference = self._with_cavity(reference, from_patch_units(lm_all[0].numpy()))
         else:  # the latent warp, in the region's units
             reference = self.g_warp.infer({"x": av.latent.numpy(), "src": self._region_units(self.ref_all[:, self.warp_idx]),
                                            "dst": self._region_units(lm_all[:, self.warp_idx])})["warped"]

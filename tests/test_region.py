@@ -122,3 +122,25 @@ def test_the_denoisers_reference_shows_a_mouths_colour_inside_the_interior(mouth
     for u, l in OPENING_PAIRS:
         closed[l, 1] = closed[u, 1]
     assert gen._with_cavity(warped, closed) is warped  # a closed mouth: nothing to fill
+    # what the denoiser is given, each way (a wrong branch once handed both the latent warp instead)
+    from engine.face.region import to_patch_units
+
+    moving = torch.from_numpy(to_patch_units(lm_crop[gen.moving]).astype(np.float32))
+    tokens = torch.zeros(1, gen.den_cfg.audio_tokens, gen.enc_cfg.feature_dim)
+    for g, expected in ((gen, filled), (plain, warped)):
+        seen, graph = [], g.g_den
+        g.g_den = type("Spy", (), {"infer": staticmethod(lambda feeds, graph=graph, seen=seen: (seen.append(feeds["reference"]), graph.infer(feeds))[1])})()
+        g.latent(moving, tokens)
+        g.g_den = graph
+        np.testing.assert_allclose(seen[0], expected, atol=1e-6)
+    encoder_ref = FrameGenerator(mouth_runtime, av, steps=1, blinks=False, compositor="native", pixel_reference="encode")
+    seen, graph = [], encoder_ref.g_den
+    encoder_ref.g_den = type("Spy", (), {"infer": staticmethod(lambda feeds: (seen.append(feeds["reference"]), graph.infer(feeds))[1])})()
+    encoder_ref.latent(moving, tokens)
+    lm_all = encoder_ref.ref_all.clone()
+    lm_all[:, encoder_ref.moving] = moving[None]
+    latent_warp = encoder_ref.g_warp.infer({"x": av.latent.numpy(), "src": encoder_ref._region_units(encoder_ref.ref_all[:, encoder_ref.warp_idx]),
+                                            "dst": encoder_ref._region_units(lm_all[:, encoder_ref.warp_idx])})["warped"]
+    assert np.abs(seen[0] - latent_warp).max() > 0.1  # the encoded warped crop, not the latent warp
+    # its interior encodes the mouth colour: nearer the cavity latent there than the portrait's warped latent is
+    assert np.abs(seen[0][0][:, inside] - gen.cavity_latent[0][:, inside]).mean() < np.abs(warped[0][:, inside] - gen.cavity_latent[0][:, inside]).mean()
