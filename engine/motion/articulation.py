@@ -17,9 +17,11 @@ Saved in a bundle as ``articulation.json``; ``gain`` 1 turns it off.
 ``close_reference``: a portrait whose mouth is open (a smile with teeth, a photo taken mid-word)
 is first closed on its landmarks, along the same principal motions (the smallest combination of
 them that brings the mean inner-lip opening to zero), and the A2L's displacements start from that
-closed mouth. An A2L driven by the open mouth only partly learns to close it and keeps speech too
-open. The portrait's pixels still start from its own landmarks: the pixel warp moves them to
-the closed-based targets.
+closed mouth; the portrait's pixels still start from its own landmarks (the pixel warp moves them
+to the closed-based targets). Off in the shipped bundle: with the voice centring
+(engine/motion/feature_centre.py) it brought the held-out opening's mean offset to zero but made the
+frames worse (ST-LPIPS 0.148 against 0.146, docs/eval/centred_a2l/): the linear readout already
+learns most of the closing, and an open portrait's own teeth are then squeezed by the warp.
 """
 from __future__ import annotations
 
@@ -65,7 +67,6 @@ class Articulation:
         self.basis_mean = np.asarray(config.basis_mean, np.float32) if len(config.basis_mean) else None
         if self.basis is not None and self.basis.shape[1] != 2 * len(indices):
             raise ValueError(f"articulation basis has {self.basis.shape[1]} columns for {len(indices)} landmarks")
-        self.portrait = self.reference  # the portrait's own moving landmarks
         if config.close_reference and self.basis is not None:
             self.reference = self.closed(self.reference)  # the origin of the displacements, and the A2L's reference
 

@@ -49,8 +49,11 @@ def choose_centre(examples: list[dict], up: np.ndarray, lo: np.ndarray, n_audio:
     table = {s: {q: round(float(np.mean([np.mean(v[q]) for v in per_id.values()])), 7 if q == "mse" else 3)
                  for q in ("mse", "corr", "offset_px", "abs_error_px")} for s, per_id in scores.items()}
     best = min(table, key=lambda s: table[s]["mse"])
-    g_all = spread_gain(examples, *Ridge(examples, n_audio).solve(audio_strength, reference_strength), up, lo, n_audio, smoothing=smoothing)
-    strength = (g_all - 1.0) / g_all if best == "gain" else float(best)
+    if best == "gain":  # the gain the readout fitted on every training voice has
+        g_all = spread_gain(examples, *Ridge(examples, n_audio).solve(audio_strength, reference_strength), up, lo, n_audio, smoothing=smoothing)
+        strength = (g_all - 1.0) / g_all
+    else:
+        strength = float(best)
     return FeatureCentreConfig(mean=tuple(round(float(x), 7) for x in np.concatenate([e["feats"] for e in examples]).mean(0)),
                                strength=round(float(strength), 4), prior_frames=prior_frames,
                                chosen_on=f"{folds}-fold identity cross-validation, {len(ids)} training identities (least displacement MSE)",
