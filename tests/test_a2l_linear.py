@@ -22,10 +22,16 @@ from tests.tiny import A2L
 LINEAR = dataclasses.replace(A2L, arch="linear", hidden=1, layers=1)
 
 
-def test_linear_a2l_reads_each_frame_alone_and_passes_the_state():
-    m = AudioToLandmarks(LINEAR).eval()
+def _random_readout(config: A2LConfig, std: float, seed: int) -> AudioToLandmarks:
+    """A linear A2L whose readout weights are drawn at random (eval mode)."""
+    m = AudioToLandmarks(config).eval()
     with torch.no_grad():
-        m.readout.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+        m.readout.weight.normal_(0, std, generator=torch.Generator().manual_seed(seed))
+    return m
+
+
+def test_linear_a2l_reads_each_frame_alone_and_passes_the_state():
+    m = _random_readout(LINEAR, 0.01, 0)
     torch.manual_seed(0)
     audio, ref = torch.randn(1, 6, 16), torch.rand(1, LINEAR.n_landmarks, 2)
     state = torch.full((1, 1, 1), 7.0)
@@ -49,9 +55,7 @@ SMOOTH = dataclasses.replace(LINEAR, smoothing=0.5, hidden=2 * A2L.n_landmarks)
 
 
 def test_smoothed_linear_a2l_low_passes_and_streams_with_its_state():
-    m = AudioToLandmarks(SMOOTH).eval()
-    with torch.no_grad():
-        m.readout.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    m = _random_readout(SMOOTH, 0.05, 2)
     torch.manual_seed(1)
     audio, ref = torch.randn(2, 9, 16), torch.rand(2, SMOOTH.n_landmarks, 2)
     state = 0.01 * torch.randn(1, 2, SMOOTH.hidden)
